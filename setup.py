@@ -94,6 +94,12 @@ ext_modules = [
     )
 ]
 
+# nvcc: -Xptxas -v prints registers/spills per kernel; -warn-spills + --warning-as-error make a register
+# spill fail the build. --fmad=false: no FMA contraction, so the CUDA quantizer and noise arithmetic
+# round like the reference (and the host fallbacks of the same code) bit for bit.
+NVCC_FLAGS = ["-O3", "--fmad=false", "-Xptxas=-v,-warn-spills,--warning-as-error",
+              "-Xcompiler=-ffp-contract=off", "--expt-relaxed-constexpr"]
+
 cuda_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")) +
                     glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))
 CUDA_REASON = None
@@ -111,9 +117,8 @@ if CUDA_REASON is None:
             "noisyops._C_cuda",
             cuda_sources,
             include_dirs=INCLUDE + _nvidia_wheel_includes(),
-            extra_compile_args={"cxx": ["-O3"],
-                                "nvcc": ["-O3", "-Xptxas=-v,-warn-spills",
-                                         "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": ["-O3", "-ffp-contract=off"],
+                                "nvcc": NVCC_FLAGS},
         )
     )
 else:

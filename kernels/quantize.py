@@ -1,0 +1,71 @@
+"""The uniform quantizer as a Triton device function, and an activation-quantizer kernel.
+
+``Q(v; lo, hi, bits) = lo + rint((clamp(v, lo, hi) − lo) / Δ)·Δ``, ``Δ = (hi − lo)/(2^bits − 1)``,
+in float32, rounding half to even (as ``torch.round``), the division correctly rounded
+(``tl.div_rn``, not the approximate ``div.full``). ``lo, hi, Δ`` are passed already rounded to
+float32 by `qparams`, exactly as `noisyops.reference.quantize` forms them.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+
+
+def qparams(lo: float, hi: float, bits: int) -> Tuple[float, float, float]:
+    """``(lo, hi, Δ)`` as float32 values (Python floats), Δ computed in float32 like the reference."""
+    lo_t = torch.tensor(lo, dtype=torch.float32)
+    hi_t = torch.tensor(hi, dtype=torch.float32)
+    if bits <= 0:
+        return float(lo_t), float(hi_t), 1.0
+    delta = (hi_t - lo_t) / torch.tensor(float((1 << bits) - 1), dtype=torch.float32)
+    return float(lo_t), float(hi_t), float(delta)
+
+
+@triton.jit
+def rint_half_even(q):
+    """Round to nearest, ties to even (``torch.round``), for float32 blocks."""
+    f = tl.floor(q)
+    d = q - f
+    odd = f - 2.0 * tl.floor(f * 0.5)
+    return tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, f + odd))
+
+
+@triton.jit
+def quantize(v, lo, hi, delta):
+    """``Q(v; lo, hi, ·)`` for a float32 block ``v``; ``lo, hi, delta`` float32 scalars."""
+    c = tl.minimum(tl.maximum(v, lo), hi)
+    return lo + rint_half_even(tl.div_rn(c - lo, delta)) * delta
+
+
+@triton.jit
+def in_range(v, lo, hi):
+    """Straight-through mask: ``lo <= v <= hi``."""
+    return (v >= lo) & (v <= hi)
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, y_ptr, n, lo, hi, delta, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    v = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, quantize(v, lo, hi, delta).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def quantize_tensor(x: torch.Tensor, lo: float, hi: float, bits: int) -> torch.Tensor:
+    """Launcher: ``Q(x)`` computed in float32, returned in ``x``'s dtype and memory layout
+    (``x`` must be dense; any float dtype but float64)."""
+    if bits <= 0:
+        return x
+    lo, hi, delta = qparams(lo, hi, bits)
+    xc = x if x.is_contiguous() else x.contiguous()
+    y = torch.empty_like(xc)
+    n = xc.numel()
+    block = configs.ELEMENTWISE_BLOCK
+    if n:
+        _quantize_kernel[(triton.cdiv(n, block),)](xc, y, n, lo, hi, delta, BLOCK=block)
+    return y

@@ -1,0 +1,105 @@
+"""Weight perturbation: the device function every GEMM uses on-chip, and the pre-pass kernel.
+
+For a weight element with flat row-major index ``e`` (into ``[C_out, C_in/groups, kh, kw]`` or
+``[out, in]``) and the noise instance ``i`` of the row tile:
+
+    Wc = clamp(W, w_lo, w_hi)                 (W_CLIP)
+    Wq = Q(Wc; w_lo, w_hi, w_bits)            (W_Q, only together with W_CLIP, as the reference)
+    Wn = Wq·(1 + eta_mul·ε'(e, i)) + σ·ε(e, i)   ε' purpose 1, ε purpose 0
+
+all in float32. The *regenerate* strategy calls `perturb_weight` on every weight tile a GEMM
+program loads; the *pre-pass* strategy runs `_prepass_kernel` once per call and instance, writing
+``Wn`` in the product dtype to a buffer ``[slots, numel(W)]`` that the GEMM reads instead.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .quantize import qparams, quantize
+from .stream import normal_at, u32_as_i32
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightArgs:
+    """Per-call weight scalars in float32, and the constexpr switches."""
+
+    lo: float
+    hi: float
+    delta: float
+    eta_mul: float
+    sigma: float
+    clip: bool
+    quant: bool
+    noise_mul: bool
+    noise_add: bool
+
+
+def weight_args(p, weight: torch.Tensor, noise: bool = True) -> WeightArgs:
+    """Resolve ``p``'s weight range for this call (`OpParams.weight_range`) into kernel scalars.
+    ``noise=False`` gives ``Wq`` only (clean_grad_input)."""
+    lo, hi = p.weight_range(weight)
+    sigma = p.sigma(lo, hi)
+    flo, fhi, delta = qparams(lo, hi, p.w_bits if p.w_clip else 0)
+    f32 = lambda v: float(torch.tensor(v, dtype=torch.float32))  # noqa: E731
+    return WeightArgs(lo=flo, hi=fhi, delta=delta, eta_mul=f32(p.eta_mul), sigma=f32(sigma),
+                      clip=bool(p.w_clip), quant=bool(p.w_clip and p.w_bits > 0),
+                      noise_mul=noise and p.eta_mul > 0, noise_add=noise and p.eta > 0)
+
+
+@triton.jit
+def perturb_weight(w, e, w_lo, w_hi, w_delta, eta_mul, sigma, k0, k1, i0, i1, c3_base,
+                   W_CLIP: tl.constexpr, W_Q: tl.constexpr, NOISE_MUL: tl.constexpr,
+                   NOISE_ADD: tl.constexpr):
+    """``Wn`` (float32) from ``W`` (float32 block) at flat weight indices ``e`` (int block),
+    instance words ``(i0, i1)``, key ``(k0, k1)``, ``c3_base = 4·layer_key`` (uint32)."""
+    if W_CLIP:
+        w = tl.minimum(tl.maximum(w, w_lo), w_hi)
+    if W_Q:
+        w = quantize(w, w_lo, w_hi, w_delta)
+    if NOISE_MUL:
+        w = w * (1.0 + eta_mul * normal_at(e, k0, k1, i0, i1, c3_base + 1))
+    if NOISE_ADD:
+        w = w + sigma * normal_at(e, k0, k1, i0, i1, c3_base)
+    return w
+
+
+@triton.jit
+def _prepass_kernel(w_ptr, out_ptr, inst_ptr, numel, w_lo, w_hi, w_delta, eta_mul, sigma,
+                    k0_, k1_, c3_, W_CLIP: tl.constexpr, W_Q: tl.constexpr,
+                    NOISE_MUL: tl.constexpr, NOISE_ADD: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid ``(cdiv(numel, BLOCK), slots)``: slot s perturbs W with instance ``inst_ptr[s]``."""
+    slot = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    inst = tl.load(inst_ptr + slot)
+    i0 = inst.to(tl.uint32)
+    i1 = (inst >> 32).to(tl.uint32)
+    k0 = k0_.to(tl.uint32, bitcast=True)
+    k1 = k1_.to(tl.uint32, bitcast=True)
+    c3 = c3_.to(tl.uint32, bitcast=True)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    wn = perturb_weight(w, offs, w_lo, w_hi, w_delta, eta_mul, sigma, k0, k1, i0, i1, c3,
+                        W_CLIP, W_Q, NOISE_MUL, NOISE_ADD)
+    tl.store(out_ptr + slot.to(tl.int64) * numel + offs, wn.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def prepass(weight: torch.Tensor, p, wa: WeightArgs, instances: List[int],
+            dtype: torch.dtype) -> torch.Tensor:
+    """Launcher: ``Wn`` for each instance in ``instances`` as ``[len(instances), numel(W)]`` in
+    ``dtype`` (the product dtype), flat row-major like ``weight``."""
+    w = weight.detach().contiguous()
+    numel = w.numel()
+    inst = torch.tensor(instances, dtype=torch.int64, device=w.device)
+    out = torch.empty((len(instances), numel), dtype=dtype, device=w.device)
+    block = configs.ELEMENTWISE_BLOCK
+    _prepass_kernel[(triton.cdiv(numel, block), len(instances))](
+        w, out, inst, numel, wa.lo, wa.hi, wa.delta, wa.eta_mul, wa.sigma,
+        u32_as_i32(p.seed_lo), u32_as_i32(p.seed_hi), u32_as_i32(4 * p.layer_key),
+        W_CLIP=wa.clip, W_Q=wa.quant, NOISE_MUL=wa.noise_mul, NOISE_ADD=wa.noise_add, BLOCK=block)
+    return out

@@ -1,0 +1,563 @@
+"""The ``cpu`` backend: C++ kernels (OpenMP, AVX2) around ATen's conv / matmul (oneDNN, MKL).
+
+Same four kernels and signatures as `noisyops.reference` (the oracle they are tested against):
+
+    xq  = Q_in(x)                          C++ `cpu_quantize_out` into a reused per-thread workspace
+                                           (a temporary; x is what autograd saves)
+    Wn  = Q_w(clip(W))·(1 + eta_mul·ε') + σ·ε
+                                           C++ `cpu_noisy_weights_`: one pass over W, four normals per
+                                           Philox call; K instance ids at once -> [K, *W.shape]
+    y_t = conv(xq, Wn|tile t)              ATen (F.conv2d / convolution_backward / mm)
+    y_t += out_noise·ε''_t                 C++ `cpu_out_noise_`, in place
+    y   = Σ_t Q_out(y_t) + b               C++ `cpu_out_quant_`: in place, packs the straight-through
+                                           mask bits (storage order) into the op's int32 out_mask
+
+Sampling (SPEC section 2): ``per_call`` makes one ``Wn``. ``per_sample`` makes one per sample, in
+chunks of at most ``NOISYOPS_CPU_CHUNK_MB`` (default 256) megabytes of weights, each chunk running
+as one grouped conv (batched matmul for linear). ``per_instance`` groups the samples by chip id,
+runs the chips as one grouped conv / batched matmul, and caches each chip set's noisy weights
+(`noisyops.backends.cpu_cache`, budget ``NOISYOPS_CHIP_CACHE_MB``, default 512), so repeated
+evaluation generates each chip's weights once.
+
+Backward (straight-through): the noisy weights are regenerated (never stored), the input
+quantizer's mask is applied in place from the saved x (no mask tensor), the output mask is read
+from the packed words. RNG contract: `noisyops.stream` (SPEC section 3), bit-identical words and
+uniforms, normals within a few ulp (SLEEF 1-ulp log / sincos). float64 inputs take their normals
+from the torch stream itself (float64 is the exact-check dtype: results equal the reference to
+float64 rounding); float32 / bfloat16 / float16 use the vectorised C++ generator.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext, reference, stream
+from ..params import PER_CALL, PER_INSTANCE, PER_SAMPLE, SAMPLE_STRIDE, OpParams, tile_bounds
+from .cpu_cache import CACHE
+
+DEVICES = ("cpu",)
+# K chips with equal sample counts run as one grouped conv / batched matmul (False: one product per
+# chip with that chip's cached weights; same numbers up to summation order). For measurements.
+GROUPED_CHIPS = True
+_SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def available():
+    mod, why = _ext.cpu()
+    if mod is None:
+        return False, why
+    if not hasattr(mod, "cpu_noisy_weights_"):
+        return False, "noisyops._C has no CPU kernels (built from older sources); rebuild the extension"
+    return True, "C++ CPU kernels (OpenMP, AVX2) around ATen conv / matmul"
+
+
+def _C():
+    return _ext.cpu()[0]
+
+
+def chunk_bytes() -> int:
+    """Weight bytes generated at once for per_sample / uncached per_instance (``NOISYOPS_CPU_CHUNK_MB``)."""
+    raw = os.environ.get("NOISYOPS_CPU_CHUNK_MB", "256")
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ValueError(f"NOISYOPS_CPU_CHUNK_MB={raw!r}: expected a number of megabytes > 0") from None
+    if mb <= 0:
+        raise ValueError(f"NOISYOPS_CPU_CHUNK_MB={raw!r}: expected a number of megabytes > 0")
+    return int(mb * (1 << 20))
+
+
+_tls = threading.local()
+
+
+def _workspace(slot: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A reused per-thread buffer laid out like the dense tensor ``like`` (no fresh pages per call).
+
+    For temporaries that never leave the kernel (the quantized input of a product, a masked
+    gradient): reusing one buffer avoids the page faults of a fresh large allocation per layer.
+    """
+    bufs = getattr(_tls, "bufs", None)
+    if bufs is None:
+        bufs = _tls.bufs = {}
+    n = like.numel()
+    buf = bufs.get(slot)
+    if buf is None or buf.numel() < n or buf.dtype != dtype:
+        buf = bufs[slot] = torch.empty(max(n, 1), dtype=dtype)
+    return buf[:n].as_strided(like.shape, like.stride())
+
+
+def _quantize_ws(slot, x, lo, hi, bits):
+    """``Q(x)`` into a workspace buffer (x dense)."""
+    out = _workspace(slot, x, x.dtype)
+    _C().cpu_quantize_out(x, out, lo, hi, bits)
+    return out
+
+
+def _cd(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fmt(x):
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _dense(t, fmt):
+    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
+
+
+def _tiled(p: OpParams) -> bool:
+    return p.out_bits > 0 or p.out_noise > 0
+
+
+def _sample_ids(p: OpParams, batch: int, instance: torch.Tensor) -> List[int]:
+    if p.sampling == PER_INSTANCE:
+        return [int(v) for v in instance.reshape(-1).tolist()]
+    counter = int(instance)
+    if p.sampling == PER_SAMPLE:
+        return [counter * SAMPLE_STRIDE + s for s in range(batch)]
+    return [counter] * batch
+
+
+# ---- weights ----------------------------------------------------------------------------------
+class _Weights:
+    """Clip/quantize/noise parameters of one call, and the generator of ``Wn`` for instance ids."""
+
+    def __init__(self, weight: torch.Tensor, p: OpParams, cd: torch.dtype, out_dtype: torch.dtype,
+                 noise: bool = True):
+        self.weight, self.p, self.cd, self.out_dtype = weight, p, cd, out_dtype
+        self.lo, self.hi = p.weight_range(weight)
+        self.sigma = p.sigma(self.lo, self.hi)
+        self.noise = noise and p.has_weight_noise
+        self.transform = self.noise or bool(p.w_clip)
+        self._wc = None
+
+    def key(self) -> tuple:
+        """What ``Wn`` depends on besides the weight values and the instance ids."""
+        p = self.p
+        return (self.lo, self.hi, self.sigma, p.eta_mul if self.noise else 0.0, p.w_clip, p.w_bits,
+                p.seed, p.layer_key, self.noise, self.out_dtype)
+
+    def source(self) -> torch.Tensor:
+        if self._wc is None:
+            self._wc = self.weight.detach().to(self.cd).contiguous()
+        return self._wc
+
+    def make(self, ids: Sequence[int]) -> torch.Tensor:
+        """``[len(ids), *weight.shape]`` noisy weights in ``out_dtype`` (K = 1 without noise)."""
+        if not self.transform:
+            return self.weight.detach().to(self.out_dtype).unsqueeze(0)
+        ids = list(ids) if self.noise else [0]
+        w = self.source()
+        p = self.p
+        if self.noise and self.cd == torch.float64:
+            # float64 is the exact-check dtype: its noise comes from the torch stream itself, so
+            # results equal the reference to float64 rounding (the C++ normals agree only to a few
+            # float32 ulp, SPEC section 3). The clip / quantize pass is still the C++ kernel.
+            wq = torch.empty((1,) + tuple(w.shape), dtype=self.cd)
+            _C().cpu_noisy_weights_(w, wq, [0], self.lo, self.hi, bool(p.w_clip), p.w_bits, 0.0, 0.0,
+                                    p.seed, p.layer_key)
+            return torch.stack([reference.weight_noisy(wq[0], self.sigma, p, i) for i in ids])
+        out = torch.empty((len(ids),) + tuple(w.shape), dtype=self.cd)
+        _C().cpu_noisy_weights_(w, out, ids, self.lo, self.hi, bool(p.w_clip), p.w_bits,
+                                self.sigma if self.noise else 0.0, p.eta_mul if self.noise else 0.0,
+                                p.seed, p.layer_key)
+        return out if self.out_dtype == self.cd else out.to(self.out_dtype)
+
+    def per_instance(self, ids: Sequence[int]) -> torch.Tensor:
+        """`make` through the chip cache (per_instance: a chip set's weights are reused)."""
+        if not self.noise:
+            return self.make(ids)
+        key = ("chips", self.key(), tuple(ids))
+        hit = CACHE.get(self.weight, key)
+        if hit is not None:
+            return hit
+        wn = self.make(ids)
+        CACHE.put(self.weight, key, wn)
+        return wn
+
+
+# ---- the layer geometry -----------------------------------------------------------------------
+class _Conv:
+    def __init__(self, weight, stride, padding, dilation, groups):
+        self.stride, self.padding, self.dilation, self.groups = list(stride), list(padding), list(dilation), groups
+        self.cin_g = weight.shape[1]
+        self.kernel_numel = weight.shape[2] * weight.shape[3]
+        self.wshape = tuple(weight.shape)
+
+    def tiles(self, p):
+        return tile_bounds(self.cin_g, self.kernel_numel, p.tile_rows) if _tiled(p) else [(0, self.cin_g)]
+
+    def x_tile(self, x, c0, c1):
+        if c0 == 0 and c1 == self.cin_g:
+            return x
+        if self.groups == 1:
+            return x[:, c0:c1]
+        idx = torch.tensor([g * self.cin_g + c for g in range(self.groups) for c in range(c0, c1)])
+        return x.index_select(1, idx)
+
+    def put_x_tile(self, grad_x, part, c0, c1):
+        if c0 == 0 and c1 == self.cin_g:
+            grad_x.copy_(part)
+        elif self.groups == 1:
+            grad_x[:, c0:c1] = part
+        else:
+            idx = torch.tensor([g * self.cin_g + c for g in range(self.groups) for c in range(c0, c1)])
+            grad_x.index_copy_(1, idx, part)
+
+    @staticmethod
+    def w_tile(w, c0, c1):
+        return w if c0 == 0 and c1 == w.shape[-3] else w[..., c0:c1, :, :]
+
+    def fwd(self, x, w, b, k=1):
+        """conv of x (samples of K chips: [K·n, ...], chip-major) with w [K·C_out, ...]."""
+        if k == 1:
+            return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        n = x.shape[0] // k
+        xg = x.reshape(k, n, *x.shape[1:]).transpose(0, 1).reshape(n, k * x.shape[1], *x.shape[2:])
+        y = F.conv2d(xg, w, None if b is None else b.repeat(k), self.stride, self.padding,
+                     self.dilation, self.groups * k)
+        return y.reshape(n, k, -1, *y.shape[2:]).transpose(0, 1).reshape(k * n, -1, *y.shape[2:])
+
+    def bwd(self, g, x, w, need_x, need_w, k=1):
+        """(grad_x, grad_w) of `fwd` with weights w (K·C_out rows for k chips; grad_w only k = 1)."""
+        if k == 1:
+            gx, gw, _ = torch.ops.aten.convolution_backward(
+                g, x, w, None, self.stride, self.padding, self.dilation, False, [0, 0], self.groups,
+                [need_x, need_w, False])
+            return gx, gw
+        n = x.shape[0] // k
+        xg = x.reshape(k, n, *x.shape[1:]).transpose(0, 1).reshape(n, k * x.shape[1], *x.shape[2:])
+        gg = g.reshape(k, n, *g.shape[1:]).transpose(0, 1).reshape(n, k * g.shape[1], *g.shape[2:])
+        gx, _, _ = torch.ops.aten.convolution_backward(
+            gg, xg, w, None, self.stride, self.padding, self.dilation, False, [0, 0], self.groups * k,
+            [True, False, False])
+        return gx.reshape(n, k, -1, *gx.shape[2:]).transpose(0, 1).reshape(k * n, -1, *gx.shape[2:]), None
+
+    @staticmethod
+    def stack(wn):
+        """[K, C_out, ...] -> [K·C_out, ...] (a view)."""
+        return wn.reshape(-1, *wn.shape[2:])
+
+    @staticmethod
+    def bias_view(b):
+        return b.view(1, -1, 1, 1)
+
+
+class _Linear:
+    groups = 1
+
+    def __init__(self, weight):
+        self.cin_g = weight.shape[1]
+        self.kernel_numel = 1
+        self.wshape = tuple(weight.shape)
+
+    def tiles(self, p):
+        return tile_bounds(self.cin_g, 1, p.tile_rows) if _tiled(p) else [(0, self.cin_g)]
+
+    def x_tile(self, x, c0, c1):
+        return x if c0 == 0 and c1 == self.cin_g else x[..., c0:c1]
+
+    def put_x_tile(self, grad_x, part, c0, c1):
+        if c0 == 0 and c1 == self.cin_g:
+            grad_x.copy_(part)
+        else:
+            grad_x[..., c0:c1] = part
+
+    @staticmethod
+    def w_tile(w, c0, c1):
+        return w if c0 == 0 and c1 == w.shape[-1] else w[..., c0:c1]
+
+    def fwd(self, x, w, b, k=1):
+        if k == 1:
+            return F.linear(x, w, b)
+        n = x.shape[0] // k
+        x3 = x.reshape(k, -1, x.shape[-1])
+        w3 = w.reshape(k, -1, w.shape[-1]).transpose(1, 2)
+        y = torch.bmm(x3, w3) if b is None else torch.baddbmm(b.view(1, 1, -1), x3, w3)
+        return y.reshape(k * n, *x.shape[1:-1], -1)
+
+    def bwd(self, g, x, w, need_x, need_w, k=1):
+        gx = gw = None
+        if need_x:
+            if k == 1:
+                gx = (g.reshape(-1, g.shape[-1]) @ w).reshape(x.shape)
+            else:
+                g3 = g.reshape(k, -1, g.shape[-1])
+                gx = torch.bmm(g3, w.reshape(k, -1, w.shape[-1])).reshape(x.shape)
+        if need_w:
+            gw = g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        return gx, gw
+
+    @staticmethod
+    def stack(wn):
+        return wn.reshape(-1, wn.shape[-1])
+
+    @staticmethod
+    def bias_view(b):
+        return b
+
+
+# ---- instance groups --------------------------------------------------------------------------
+def _chunks(p: OpParams, ids: List[int], wbytes: int):
+    """``[(instance ids, sample index tensor ordered chip-major, samples per chip or None)]``.
+
+    Equal sample counts per chip -> one grouped product per chunk; else None (one product per chip).
+    """
+    groups = {}
+    for s, i in enumerate(ids):
+        groups.setdefault(i, []).append(s)
+    keys = list(groups)
+    per_chunk = max(1, chunk_bytes() // max(1, wbytes))
+    out = []
+    for c in range(0, len(keys), per_chunk):
+        ks = keys[c:c + per_chunk]
+        counts = {len(groups[k]) for k in ks}
+        order = [s for k in ks for s in groups[k]]
+        out.append((ks, torch.tensor(order, dtype=torch.int64), counts.pop() if len(counts) == 1 else None))
+    return out
+
+
+def _is_range(idx: torch.Tensor, batch: int) -> Optional[Tuple[int, int]]:
+    n = idx.numel()
+    if n == 0:
+        return None
+    a = int(idx[0])
+    if a + n <= batch and bool((idx == torch.arange(a, a + n)).all()):
+        return a, a + n
+    return None
+
+
+def _products(layer, xq, wsrc: _Weights, bias, p, ids, tile, out_dtype):
+    """The product of every sample with its instance's weights, restricted to one tile
+    (``tile = (c0, c1)``), as one tensor ``[N, ...]`` in the product dtype."""
+    c0, c1 = tile
+    batch = xq.shape[0]
+    xt = layer.x_tile(xq, c0, c1)
+    if p.sampling == PER_CALL or not wsrc.noise:
+        wn = wsrc.make(ids[:1])[0]
+        return layer.fwd(xt, layer.w_tile(wn, c0, c1), bias)
+    wbytes = torch.Size(layer.wshape).numel() * torch.empty(0, dtype=wsrc.cd).element_size()
+    y = None
+    for ks, order, n in _chunks(p, ids, wbytes):
+        wn = wsrc.per_instance(ks) if p.sampling == PER_INSTANCE else wsrc.make(ks)
+        rng = _is_range(order, batch)
+        xs = xt[rng[0]:rng[1]] if rng else xt.index_select(0, order)
+        if n is not None and (GROUPED_CHIPS or len(ks) == 1):
+            part = layer.fwd(xs, layer.stack(layer.w_tile(wn, c0, c1)), bias, k=len(ks))
+        else:
+            parts, s0 = [], 0
+            counts = [ids.count(k) for k in ks] if n is None else [n] * len(ks)
+            for j, cnt in enumerate(counts):
+                parts.append(layer.fwd(xs[s0:s0 + cnt], layer.w_tile(wn[j], c0, c1), bias))
+                s0 += cnt
+            part = torch.cat(parts)
+        if rng and rng == (0, batch):
+            return part
+        if y is None:
+            y = part.new_empty((batch,) + tuple(part.shape[1:]))
+        if rng:
+            y[rng[0]:rng[1]] = part
+        else:
+            y.index_copy_(0, order, part)
+    return y
+
+
+# ---- forward ----------------------------------------------------------------------------------
+def _forward(layer, x, weight, bias, p: OpParams, instance):
+    if x.dtype not in _SUPPORTED or weight.dtype != x.dtype:
+        return NotImplemented
+    C = _C()
+    cd = _cd(x.dtype)
+    fmt = _fmt(x)
+    batch = x.shape[0]
+    xq = _quantize_ws("fwd_xq", _dense(x, fmt), p.in_lo, p.in_hi, p.in_bits) if p.in_bits else x
+    wsrc = _Weights(weight, p, cd, x.dtype)
+    ids = _sample_ids(p, batch, instance)
+    tiles = layer.tiles(p)
+    if not _tiled(p):
+        y = _products(layer, xq, wsrc, None if bias is None else bias, p, ids, tiles[0], x.dtype)
+        return _dense(y, fmt), x.new_empty((0,), dtype=torch.int32)
+    acc = None
+    words = None
+    ids_t = torch.tensor(ids, dtype=torch.int64) if p.out_noise > 0 else None
+    for t, tile in enumerate(tiles):
+        part = _products(layer, xq, wsrc, None, p, ids, tile, x.dtype)
+        part = _dense(part.to(cd), fmt)
+        if p.out_noise > 0 and cd == torch.float64:  # exact-check dtype: the torch stream (see _Weights.make)
+            numel = part.numel()
+            inst_of = ids_t.repeat_interleave(numel // batch)
+            eps = stream.normals_at(p.seed, p.layer_key, stream.PURPOSE_OUT, inst_of,
+                                    t * numel + torch.arange(numel, dtype=torch.int64))
+            part.add_(p.out_noise * eps.to(cd).view(part.shape))
+        elif p.out_noise > 0:
+            C.cpu_out_noise_(part if part.dim() <= 4 else part.view(batch, -1), ids_t, t, p.out_noise,
+                             p.seed, p.layer_key)
+        if p.out_bits:
+            if words is None:
+                words = torch.empty((len(tiles), (part.numel() + 31) // 32), dtype=torch.int32)
+            if acc is None:
+                acc = part
+            C.cpu_out_quant_(part, acc, words[t], p.out_lo, p.out_hi, p.out_bits, t == 0)
+        else:
+            acc = part if acc is None else acc.add_(part)
+    if bias is not None:
+        acc.add_(layer.bias_view(bias.to(cd)))
+    y = _dense(acc.to(x.dtype), fmt)
+    return y, (words if words is not None else x.new_empty((0,), dtype=torch.int32))
+
+
+# ---- backward ---------------------------------------------------------------------------------
+def _same_layout(shape, s1, s2) -> bool:
+    """Whether two dense layouts of ``shape`` have one storage order (size-1 dims ignored)."""
+    return all(a == b for n, a, b in zip(shape, s1, s2) if n > 1)
+
+
+def _is_dense(t) -> bool:
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _ste_(grad, ref, lo, hi):
+    """grad = 0 where ref is outside [lo, hi], in place via C++ (ref dense; grad laid out like ref)."""
+    if not _same_layout(grad.shape, grad.stride(), ref.stride()) or not _is_dense(grad):
+        grad = torch.empty_strided(ref.shape, ref.stride(), dtype=grad.dtype).copy_(grad)
+    _C().cpu_ste_mask_(grad, ref, lo, hi)
+    return grad
+
+
+def _backward(layer, grad_y, x, weight, p: OpParams, instance, out_mask, y_stride, need_x, need_w):
+    if x.dtype not in _SUPPORTED or weight.dtype != x.dtype:
+        return NotImplemented
+    C = _C()
+    cd = _cd(x.dtype)
+    fmt = _fmt(x)
+    batch = x.shape[0]
+    xc = _dense(x.to(cd), fmt)
+    g = _dense(grad_y.to(cd), fmt)
+    if p.out_bits and not _same_layout(g.shape, g.stride(), y_stride):
+        # the mask bits follow y's storage order: lay the gradient out like y was
+        g = torch.empty_strided(g.shape, tuple(y_stride), dtype=cd).copy_(g)
+    tiles = layer.tiles(p)
+    if p.out_bits and len(tiles) == 1:
+        g_tiles = [_workspace("bwd_g", g, cd)]
+        C.cpu_mask_grad_out(g, out_mask[0].contiguous(), g_tiles[0])
+    elif p.out_bits:
+        g_tiles = [C.cpu_mask_grad(g, out_mask[t].contiguous()) for t in range(len(tiles))]
+    else:
+        g_tiles = [g] * len(tiles)
+    xq = _quantize_ws("bwd_xq", xc, p.in_lo, p.in_hi, p.in_bits) if p.in_bits and need_w else xc
+    wsrc = _Weights(weight, p, cd, cd, noise=not p.clean_grad_input)
+    grad_x = grad_w = None
+    single = len(tiles) == 1
+    if p.sampling == PER_CALL or not wsrc.noise:
+        ids = _sample_ids(p, batch, instance)
+        wn = wsrc.make(ids[:1])[0]
+        if single:  # one ATen call for both gradients (grad_x via Wn, grad_w via xq)
+            grad_x, grad_w = layer.bwd(g_tiles[0], xq, wn, need_x, need_w)
+        else:
+            if need_x:
+                grad_x = torch.empty_like(xc)
+            if need_w:
+                grad_w = torch.zeros(layer.wshape, dtype=cd)
+            for (c0, c1), g_t in zip(tiles, g_tiles):
+                gx_t, gw_t = layer.bwd(g_t, layer.x_tile(xq, c0, c1), layer.w_tile(wn, c0, c1), need_x, need_w)
+                if need_x:
+                    layer.put_x_tile(grad_x, gx_t, c0, c1)
+                if need_w:
+                    layer.w_tile(grad_w, c0, c1).copy_(gw_t)
+    else:
+        ids = _sample_ids(p, batch, instance)
+        if need_x:
+            grad_x = torch.empty_like(xc)
+            for (c0, c1), g_t in zip(tiles, g_tiles):
+                gx_t = _grad_input_grouped(layer, g_t, layer.x_tile(xc, c0, c1), wsrc, p, ids, (c0, c1))
+                layer.put_x_tile(grad_x, gx_t, c0, c1)
+        if need_w:
+            grad_w = torch.zeros(layer.wshape, dtype=cd)
+            for (c0, c1), g_t in zip(tiles, g_tiles):
+                _, gw_t = layer.bwd(g_t, layer.x_tile(xq, c0, c1),
+                                    layer.w_tile(torch.empty(layer.wshape, dtype=cd), c0, c1), False, True)
+                layer.w_tile(grad_w, c0, c1).copy_(gw_t)
+    if grad_x is not None:
+        if p.in_bits:
+            grad_x = _ste_(grad_x, xc, p.in_lo, p.in_hi)
+        grad_x = grad_x.to(x.dtype)
+    if grad_w is not None:
+        if p.w_clip:
+            grad_w = _ste_(grad_w, wsrc.source(), wsrc.lo, wsrc.hi)
+        grad_w = grad_w.to(weight.dtype)
+    return grad_x, grad_w
+
+
+def _grad_input_grouped(layer, g, xt, wsrc: _Weights, p, ids, tile):
+    """Input gradient of one tile with per-sample / per-chip noisy weights (chunked)."""
+    c0, c1 = tile
+    batch = xt.shape[0]
+    wbytes = torch.Size(layer.wshape).numel() * torch.empty(0, dtype=wsrc.cd).element_size()
+    out = None
+    for ks, order, n in _chunks(p, ids, wbytes):
+        wn = wsrc.per_instance(ks) if p.sampling == PER_INSTANCE else wsrc.make(ks)
+        rng = _is_range(order, batch)
+        xs = xt[rng[0]:rng[1]] if rng else xt.index_select(0, order)
+        gs = g[rng[0]:rng[1]] if rng else g.index_select(0, order)
+        if n is not None:
+            part, _ = layer.bwd(gs, xs, layer.stack(layer.w_tile(wn, c0, c1)), True, False, k=len(ks))
+        else:
+            parts, s0 = [], 0
+            for j, k in enumerate(ks):
+                cnt = ids.count(k)
+                pj, _ = layer.bwd(gs[s0:s0 + cnt], xs[s0:s0 + cnt], layer.w_tile(wn[j], c0, c1), True, False)
+                parts.append(pj)
+                s0 += cnt
+            part = torch.cat(parts)
+        if rng and rng == (0, batch):
+            return part
+        if out is None:
+            out = part.new_empty((batch,) + tuple(part.shape[1:]))
+        if rng:
+            out[rng[0]:rng[1]] = part
+        else:
+            out.index_copy_(0, order, part)
+    return out
+
+
+# ---- the four kernels ---------------------------------------------------------------------------
+def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, p: OpParams, instance):
+    """`noisyops.reference.conv2d_fwd` on the C++ CPU kernels (see the module docstring)."""
+    return _forward(_Conv(weight, stride, padding, dilation, groups), x, weight, bias, p, instance)
+
+
+def conv2d_bwd(grad_y, x, weight, stride, padding, dilation, groups, p: OpParams, instance, out_mask,
+               y_stride, needs_input_grad=True, needs_weight_grad=True):
+    """`noisyops.reference.conv2d_bwd` on the C++ CPU kernels; noise regenerated, never stored."""
+    return _backward(_Conv(weight, stride, padding, dilation, groups), grad_y, x, weight, p, instance,
+                     out_mask, y_stride, needs_input_grad, needs_weight_grad)
+
+
+def linear_fwd(x, weight, bias, p: OpParams, instance):
+    """`noisyops.reference.linear_fwd` on the C++ CPU kernels."""
+    if x.dim() == 1:
+        out = _forward(_Linear(weight), x.unsqueeze(0), weight, bias, p, instance)
+        if out is NotImplemented:
+            return out
+        return out[0].squeeze(0), out[1]
+    return _forward(_Linear(weight), x.contiguous(), weight, bias, p, instance)
+
+
+def linear_bwd(grad_y, x, weight, p: OpParams, instance, out_mask, y_stride,
+               needs_input_grad=True, needs_weight_grad=True):
+    """`noisyops.reference.linear_bwd` on the C++ CPU kernels."""
+    if x.dim() == 1:
+        out = _backward(_Linear(weight), grad_y.unsqueeze(0), x.unsqueeze(0), weight, p, instance,
+                        out_mask, (0,) + tuple(y_stride), needs_input_grad, needs_weight_grad)
+        if out is NotImplemented:
+            return out
+        gx, gw = out
+        return (gx.squeeze(0) if gx is not None else None), gw
+    return _backward(_Linear(weight), grad_y.contiguous(), x.contiguous(), weight, p, instance, out_mask,
+                     y_stride, needs_input_grad, needs_weight_grad)

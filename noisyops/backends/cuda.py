@@ -1,0 +1,451 @@
+"""The ``cuda`` backend: CUDA pre-pass and quantizer kernels around cuDNN / cuBLAS products.
+
+Forward (per call)::
+
+    xq = Q(x; in)                                   CUDA quantizer kernel (x's dtype, x's layout)
+    Wn[k] = Wq·(1 + eta_mul·ε'_k) + σ·ε_k           CUDA weight pre-pass, one row per distinct
+                                                    instance k of the batch, in x's dtype
+    y_t = conv2d / linear (xq[samples of k], Wn[k][:, tile t])    cuDNN / cuBLAS (+ bias when untiled)
+    y   = Σ_t Q(y_t + out_noise·ε''_t; out) + b     CUDA output-tile kernel: noise, quantizer,
+                                                    bit-packed STE mask, tile sum, bias
+
+Backward: the same pre-pass regenerates Wn (or Wq with ``clean_grad_input``); the CUDA STE kernels
+mask the gradient (output mask bits, input/weight ranges); torch's convolution backward
+(``torch.nn.grad.conv2d_input`` / ``conv2d_weight``, cuDNN) or matmuls compute the gradients per
+tile and instance. The backward products run in the input dtype (fp32 accumulate), as the forward
+product: identical to the reference (which computes them in float32) for float32 inputs, within
+half-precision tolerance for float16/bfloat16; sums over tiles/instances are float32.
+
+RNG contract: identical to `noisyops.reference` (SPEC section 3): weight noise at the flat
+row-major weight index, output noise at ``t·numel(y) + logical NCHW index`` with the sample's
+instance id. Half inputs: quantizers and noise in float32, product in the input dtype. float64
+inputs are declined (``NotImplemented``: the reference runs them).
+
+Crossbar tiles are computed on channel slices of x and W (no masked copies of W); a tile's
+partial sum equals the reference's masked-weight product up to float summation order.
+
+`DEVICES` is ``("cuda",)``; the compiled kernels also accept CPU tensors (host loops over the
+same ``__host__ __device__`` code), which is how tests on a machine without a GPU call the kernel
+functions of this module directly. Importing this module never touches CUDA.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext
+from . import gpu_cost
+from ..params import PER_INSTANCE, OpParams, tile_bounds
+from ..reference import memory_format_of, sample_instances
+
+DEVICES = ("cuda",)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Largest pre-pass batch (instances x weight elements) materialised at once (shared with the model).
+MAX_PREPASS_ELEMENTS = gpu_cost.MAX_PREPASS_ELEMENTS
+
+
+def available() -> Tuple[bool, str]:
+    """``(True, what)`` when ``noisyops._C_cuda`` is built and a CUDA device exists, else why not."""
+    mod, why = _ext.cuda()
+    if mod is None:
+        return False, why
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (torch.cuda.is_available() is False); noisyops._C_cuda is built"
+    return True, "noisyops._C_cuda: CUDA weight pre-pass and quantizers around cuDNN/cuBLAS"
+
+
+def _C():
+    mod, why = _ext.cuda()
+    if mod is None:
+        raise RuntimeError(why)
+    return mod
+
+
+# ---- geometry: what differs between conv and linear --------------------------------------------------
+class _Geom:
+    """Products, gradients and channel slicing of one layer type. ``c0:c1`` are input channels
+    within a group (a crossbar tile); the full range is ``0:in_per_group``."""
+
+    def __init__(self, product: Callable, grad_input: Callable, grad_weight: Callable, x_slice: Callable,
+                 x_slice_view: Callable, in_per_group: int, kernel_numel: int, out_shape_info: Callable,
+                 channel_dim: int, groups: int):
+        self.product, self.grad_input, self.grad_weight = product, grad_input, grad_weight
+        self.x_slice = x_slice            # x -> dense copy/view of its tile channels
+        self.x_slice_view = x_slice_view  # x -> writable view of its tile channels
+        self.in_per_group, self.kernel_numel = in_per_group, kernel_numel
+        self.out_shape_info = out_shape_info  # y -> (channels, hw, channels_last)
+        self.channel_dim, self.groups = channel_dim, groups
+        self.grouped_product = self.grouped_grad_input = None  # conv only (chip-interleaved batches)
+
+    def tile_shape(self, shape: Sequence[int], c0: int, c1: int) -> List[int]:
+        """Shape of x restricted to the tile's input channels (every group)."""
+        shape = list(shape)
+        shape[self.channel_dim] = self.groups * (c1 - c0)
+        return shape
+
+
+def _conv_geom(weight, stride, padding, dilation, groups) -> _Geom:
+    cin_g, kh, kw = weight.shape[1], weight.shape[2], weight.shape[3]
+
+    def x_slice_view(x, c0, c1):
+        if c0 == 0 and c1 == cin_g:
+            return x
+        return x.unflatten(1, (groups, cin_g))[:, :, c0:c1]
+
+    def x_slice(x, c0, c1):
+        if c0 == 0 and c1 == cin_g:
+            return x
+        return x_slice_view(x, c0, c1).flatten(1, 2).contiguous(memory_format=memory_format_of(x))
+
+    def grad_input(shape, w, g):
+        return torch.nn.grad.conv2d_input(shape, w, g, stride, padding, dilation, groups)
+
+    def grad_weight(x, wshape, g):
+        return torch.nn.grad.conv2d_weight(x, wshape, g, stride, padding, dilation, groups)
+
+    def info(y):
+        return y.shape[1], y.shape[2] * y.shape[3], memory_format_of(y) == torch.channels_last
+
+    geom = _Geom(lambda x, w, b: F.conv2d(x, w, b, stride, padding, dilation, groups), grad_input, grad_weight,
+                 x_slice, x_slice_view, cin_g, kh * kw, info, 1, groups)
+
+    # Chip-interleaved batches (sample s on chip s mod K, NCHW): the K chips' convolutions are ONE
+    # grouped convolution on free views, x [N, C, H, W] -> [N/K, K*C, H, W], Wn [K, Cout, ...] ->
+    # [K*Cout, ...], groups*K; y [N/K, K*Cout, Ho, Wo] is y [N, Cout, Ho, Wo]. No gathers, no copies.
+    def grouped_product(x, wn_all, b):
+        K, cout = wn_all.shape[0], wn_all.shape[1]
+        n, c, h, w = x.shape
+        bg = b.repeat(K) if b is not None else None
+        y = F.conv2d(x.view(n // K, K * c, h, w), wn_all.reshape((K * cout,) + tuple(wn_all.shape[2:])), bg,
+                     stride, padding, dilation, groups * K)
+        return y.view(n, cout, y.shape[2], y.shape[3])
+
+    def grouped_grad_input(shape, wn_all, g):
+        K, cout = wn_all.shape[0], wn_all.shape[1]
+        n, c, h, w = shape
+        gx = torch.nn.grad.conv2d_input((n // K, K * c, h, w),
+                                        wn_all.reshape((K * cout,) + tuple(wn_all.shape[2:])),
+                                        g.reshape(n // K, K * cout, g.shape[2], g.shape[3]),
+                                        stride, padding, dilation, groups * K)
+        return gx.view(n, c, h, w)
+
+    geom.grouped_product, geom.grouped_grad_input = grouped_product, grouped_grad_input
+    return geom
+
+
+def _linear_geom(weight) -> _Geom:
+    fin = weight.shape[1]
+
+    def x_slice_view(x, c0, c1):
+        return x if (c0 == 0 and c1 == fin) else x[..., c0:c1]
+
+    def x_slice(x, c0, c1):
+        return x if (c0 == 0 and c1 == fin) else x[..., c0:c1].contiguous()
+
+    def grad_weight(x, wshape, g):
+        return g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+
+    return _Geom(lambda x, w, b: F.linear(x, w, b), lambda shape, w, g: (g @ w).reshape(shape), grad_weight,
+                 x_slice, x_slice_view, fin, 1, lambda y: (y.shape[-1], 1, False), -1, 1)
+
+
+# ---- building blocks ------------------------------------------------------------------------------
+def _tiled(p: OpParams) -> bool:
+    return p.out_bits > 0 or p.out_noise > 0
+
+
+def _tiles(geom: _Geom, p: OpParams) -> List[Tuple[int, int]]:
+    if not _tiled(p):
+        return [(0, geom.in_per_group)]
+    return tile_bounds(geom.in_per_group, geom.kernel_numel, p.tile_rows)
+
+
+def _quantize(x: torch.Tensor, lo: float, hi: float, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """``Q(x; lo, hi, bits)`` cast to ``dtype`` by the CUDA quantizer kernel (x dense, layout kept)."""
+    out = torch.empty_like(x, dtype=dtype)
+    _C().quantize(x, out, lo, hi, bits)
+    return out
+
+
+def _instance_groups(p: OpParams, batch: int, instance: torch.Tensor):
+    """``[(instance id, samples)]`` in first-seen order, and the per-sample ids. ``samples`` is a
+    ``slice`` when the instance's samples are a contiguous run of the batch (indexing then gives
+    views, no gather copies), else a list of indices."""
+    ids = sample_instances(p, batch, instance)
+    groups = {}
+    for s, i in enumerate(ids):
+        groups.setdefault(i, []).append(s)
+    out = []
+    for i, samples in groups.items():
+        if samples[-1] - samples[0] + 1 == len(samples):
+            samples = slice(samples[0], samples[-1] + 1)
+        out.append((i, samples))
+    return out, ids
+
+
+def _count(samples) -> int:
+    return samples.stop - samples.start if isinstance(samples, slice) else len(samples)
+
+
+def _weights(weight: torch.Tensor, p: OpParams, inst_ids: Sequence[int], dtype: torch.dtype,
+             noisy: bool = True):
+    """Yield ``(k, W_k)`` for ``k in range(len(inst_ids))``: the noisy weights of instance
+    ``inst_ids[k]`` in ``dtype`` (``noisy=False``: Wq, clip + quantize only).
+
+    With noise, the CUDA pre-pass writes ``[K_chunk, *wshape]`` at a time (at most
+    `MAX_PREPASS_ELEMENTS` elements). Without noise Wq is instance-free: one pre-pass (or none at
+    all when nothing would change W: W cast to ``dtype``) shared by every k.
+    """
+    lo, hi = p.weight_range(weight)
+    add = noisy and p.eta > 0
+    mul = noisy and p.eta_mul > 0
+    if not (p.w_clip or add or mul):
+        w = weight.detach().to(dtype)
+        for k in range(len(inst_ids)):
+            yield k, w
+        return
+    w32 = weight.detach().to(torch.float32).contiguous()
+    todo = list(inst_ids) if (add or mul) else [0]
+    chunk = max(1, MAX_PREPASS_ELEMENTS // max(1, w32.numel()))
+    for start in range(0, len(todo), chunk):
+        ids = todo[start:start + chunk]
+        out = torch.empty((len(ids),) + tuple(w32.shape), dtype=dtype, device=w32.device)
+        inst = torch.tensor([int(i) for i in ids], dtype=torch.int64).to(w32.device)
+        _C().weight_prepass(w32, out, inst, p.seed, p.layer_key, lo, hi, p.sigma(lo, hi), p.eta_mul,
+                            bool(p.w_clip), p.w_bits if p.w_clip else 0, add, mul)
+        if add or mul:
+            for j in range(len(ids)):
+                yield start + j, out[j]
+        else:
+            for k in range(len(inst_ids)):
+                yield k, out[0]
+
+
+def _interleaved_chips(geom: _Geom, p: OpParams, ids: List[int], x: torch.Tensor, n_tiles: int,
+                       w_numel: int) -> int:
+    """K > 1 when one grouped conv can serve every chip: weight noise on, sample s on chip
+    ``ids[s mod K]`` with K distinct ids, N divisible by K, x contiguous NCHW, one tile; else 0."""
+    if geom.grouped_product is None or n_tiles != 1 or not p.has_weight_noise or not x.is_contiguous():
+        return 0
+    seen = {}
+    for i in ids:
+        if i in seen:
+            break
+        seen[i] = len(seen)
+    K = len(seen)
+    if K < 2 or len(ids) % K or any(ids[s] != ids[s % K] for s in range(len(ids))):
+        return 0
+    if K * w_numel > MAX_PREPASS_ELEMENTS:
+        return 0
+    return K
+
+
+def _all_weights(weight, p: OpParams, inst_ids: Sequence[int], dtype, noisy=True) -> torch.Tensor:
+    """The noisy weights of every instance in one pre-pass: ``[K, *wshape]`` in ``dtype``."""
+    lo, hi = p.weight_range(weight)
+    w32 = weight.detach().to(torch.float32).contiguous()
+    out = torch.empty((len(inst_ids),) + tuple(w32.shape), dtype=dtype, device=w32.device)
+    inst = torch.tensor([int(i) for i in inst_ids], dtype=torch.int64).to(w32.device)
+    _C().weight_prepass(w32, out, inst, p.seed, p.layer_key, lo, hi, p.sigma(lo, hi), p.eta_mul,
+                        bool(p.w_clip), p.w_bits if p.w_clip else 0, noisy and p.eta > 0, noisy and p.eta_mul > 0)
+    return out
+
+
+def _product_groups(p: OpParams, groups, batch: int, noisy: bool = True):
+    """Instance groups for the products: one group (the whole batch) when the weights do not
+    depend on the instance (no weight noise), else the instance groups."""
+    if not (noisy and p.has_weight_noise):
+        return [(groups[0][0], slice(0, batch))]
+    return groups
+
+
+# ---- forward ---------------------------------------------------------------------------------
+def _forward(geom: _Geom, x, weight, bias, p: OpParams, instance):
+    if x.dtype not in SUPPORTED_DTYPES:
+        return NotImplemented
+    fmt = memory_format_of(x)
+    x = x.contiguous(memory_format=fmt)
+    cd = torch.float32
+    xq = _quantize(x, p.in_lo, p.in_hi, p.in_bits, x.dtype) if p.in_bits else x
+    batch = x.shape[0]
+    groups, ids = _instance_groups(p, batch, instance)
+    inst_ids = [i for i, _ in groups]
+    tiles = _tiles(geom, p)
+    tiled = _tiled(p)
+    fused_bias = None if tiled or bias is None else bias.to(x.dtype)
+
+    parts: List[Optional[torch.Tensor]] = [None] * len(tiles)
+    K = _interleaved_chips(geom, p, ids, xq, len(tiles), weight.numel())
+    if K:
+        parts[0] = geom.grouped_product(xq, _all_weights(weight, p, inst_ids, x.dtype), fused_bias)
+    groups = _product_groups(p, groups, batch)
+    inst_ids = [i for i, _ in groups]
+    for k, wn in ([] if K else _weights(weight, p, inst_ids, x.dtype)):
+        samples = groups[k][1]
+        whole = _count(samples) == batch
+        sel = xq if whole else xq[samples]
+        for t, (c0, c1) in enumerate(tiles):
+            w_t = wn if len(tiles) == 1 else wn[:, c0:c1]
+            part = geom.product(geom.x_slice(sel, c0, c1), w_t, fused_bias)
+            if whole:
+                parts[t] = part
+            else:
+                if parts[t] is None:
+                    parts[t] = part.new_empty((batch,) + tuple(part.shape[1:]))
+                parts[t][samples] = part
+    if not tiled:
+        return parts[0].contiguous(memory_format=fmt), x.new_empty((0,), dtype=torch.int32)
+
+    # partial sums stay in the product dtype: the output kernel reads them as float32 (exact widening)
+    T = len(tiles)
+    parts = [y_t.contiguous(memory_format=fmt) for y_t in parts]
+    out = torch.empty_like(parts[0], dtype=x.dtype)
+    acc = torch.empty_like(parts[0], dtype=cd) if T > 1 else out
+    numel = parts[0].numel()
+    mask = (torch.empty((T, (numel + 31) // 32), dtype=torch.int32, device=x.device) if p.out_bits
+            else x.new_empty((0,), dtype=torch.int32))
+    channels, hw, channels_last = geom.out_shape_info(parts[0])
+    bias32 = bias.to(cd).contiguous() if bias is not None else None
+    per_instance = p.sampling == PER_INSTANCE
+    counter = 0 if per_instance else int(instance)
+    ids_t = (instance.reshape(-1).to(device=x.device, dtype=torch.int64).contiguous() if per_instance
+             else torch.empty((0,), dtype=torch.int64, device=x.device))
+    for t in range(T):
+        _C().output_tile(parts[t], acc, out, mask[t] if p.out_bits else mask, bias32, t, t == 0, t == T - 1,
+                         p.seed, p.layer_key, p.out_noise, p.out_lo, p.out_hi, p.out_bits, channels, hw, batch,
+                         channels_last, p.sampling, counter, ids_t)
+    return out, mask
+
+
+# ---- backward --------------------------------------------------------------------------------
+def _backward(geom: _Geom, grad_y, x, weight, p: OpParams, instance, out_mask, y_stride,
+              needs_input_grad: bool, needs_weight_grad: bool):
+    if x.dtype not in SUPPORTED_DTYPES:
+        return NotImplemented
+    cd = torch.float32
+    fmt = memory_format_of(x)
+    x = x.contiguous(memory_format=fmt)
+    dt = x.dtype  # products run in the input dtype (fp32 accumulate), masks and sums in float32
+    # the gradient in y's storage order (the mask bits follow that order)
+    if tuple(grad_y.stride()) == tuple(y_stride) and grad_y.dtype == dt:
+        g = grad_y
+    else:
+        g = torch.empty_strided(tuple(grad_y.shape), tuple(y_stride), dtype=dt, device=grad_y.device)
+        g.copy_(grad_y)
+    batch = x.shape[0]
+    tiles = _tiles(geom, p)
+    if p.out_bits:
+        g_tiles = []
+        for t in range(len(tiles)):
+            g_t = torch.empty_like(g)
+            _C().ste_bits(g, out_mask[t].contiguous(), g_t)
+            g_tiles.append(g_t)
+    else:
+        g_tiles = [g] * len(tiles)
+
+    grad_x = grad_w = None
+    if needs_input_grad:
+        noisy = not p.clean_grad_input
+        groups, ids = _instance_groups(p, batch, instance)
+        K = _interleaved_chips(geom, p, ids, x, len(tiles), weight.numel()) if noisy else 0
+        groups = _product_groups(p, groups, batch, noisy)
+        inst_ids = [i for i, _ in groups]
+        direct = len(tiles) == 1 and len(groups) == 1
+        if K:
+            grad_x = geom.grouped_grad_input(tuple(x.shape), _all_weights(weight, p, inst_ids, dt), g_tiles[0])
+            direct = True
+        elif not direct:
+            grad_x = torch.zeros(x.shape, dtype=cd, device=x.device).contiguous(memory_format=fmt)
+        for k, wn in ([] if K else _weights(weight, p, inst_ids, dt, noisy)):
+            samples = groups[k][1]
+            whole = _count(samples) == batch
+            for (c0, c1), g_t in zip(tiles, g_tiles):
+                w_t = wn if len(tiles) == 1 else wn[:, c0:c1]
+                g_sel = g_t if whole else g_t[samples]
+                shape = list(x.shape)
+                if not whole:
+                    shape[0] = _count(samples)
+                if len(tiles) > 1:
+                    shape = geom.tile_shape(shape, c0, c1)
+                contrib = geom.grad_input(shape, w_t, g_sel)
+                if direct:
+                    grad_x = contrib.contiguous(memory_format=fmt)
+                elif len(tiles) > 1:
+                    _add_tile(geom, grad_x, contrib, c0, c1, None if whole else samples)
+                elif whole:
+                    grad_x += contrib
+                else:
+                    grad_x[samples] += contrib
+        if p.in_bits:
+            out = torch.empty_like(x)
+            _C().ste_range(grad_x, x, out, p.in_lo, p.in_hi)
+            grad_x = out
+        else:
+            grad_x = grad_x.to(dt)
+    if needs_weight_grad:
+        xq = _quantize(x, p.in_lo, p.in_hi, p.in_bits, dt) if p.in_bits else x
+        if len(tiles) == 1:
+            grad_w = geom.grad_weight(xq, tuple(weight.shape), g_tiles[0]).contiguous()
+        else:
+            grad_w = torch.zeros(weight.shape, dtype=cd, device=weight.device)
+            for (c0, c1), g_t in zip(tiles, g_tiles):
+                wshape = (weight.shape[0], c1 - c0) + tuple(weight.shape[2:])
+                grad_w[:, c0:c1] += geom.grad_weight(geom.x_slice(xq, c0, c1), wshape, g_t)
+        if p.w_clip:
+            lo, hi = p.weight_range(weight)
+            out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+            _C().ste_range(grad_w, weight.detach().contiguous(), out, lo, hi)
+            grad_w = out
+        else:
+            grad_w = grad_w.to(weight.dtype)
+    return grad_x, grad_w
+
+
+def _add_tile(geom: _Geom, grad_x, contrib, c0, c1, samples):
+    """``grad_x[samples][tile channels] += contrib`` (contrib holds only the tile's channels)."""
+    if samples is None:
+        view = geom.x_slice_view(grad_x, c0, c1)
+        view += contrib.reshape(view.shape) if contrib.shape != view.shape else contrib
+        return
+    sub = grad_x[samples]  # a view for a slice, a copy for an index list
+    view = geom.x_slice_view(sub, c0, c1)
+    view += contrib.reshape(view.shape) if contrib.shape != view.shape else contrib
+    if not isinstance(samples, slice):
+        grad_x[samples] = sub
+
+
+# ---- the four kernels (signatures of noisyops.reference) --------------------------------------
+def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, p: OpParams, instance):
+    """Noisy conv2d forward on the CUDA path; as `noisyops.reference.conv2d_fwd`."""
+    return _forward(_conv_geom(weight, stride, padding, dilation, groups), x, weight, bias, p, instance)
+
+
+def conv2d_bwd(grad_y, x, weight, stride, padding, dilation, groups, p: OpParams, instance, out_mask,
+               y_stride, needs_input_grad=True, needs_weight_grad=True):
+    """Straight-through backward on the CUDA path; as `noisyops.reference.conv2d_bwd`."""
+    return _backward(_conv_geom(weight, stride, padding, dilation, groups), grad_y, x, weight, p, instance,
+                     out_mask, y_stride, needs_input_grad, needs_weight_grad)
+
+
+def linear_fwd(x, weight, bias, p: OpParams, instance):
+    """Noisy linear forward on the CUDA path; as `noisyops.reference.linear_fwd` (1-D x = one sample)."""
+    if x.dim() == 1:
+        out = _forward(_linear_geom(weight), x.unsqueeze(0), weight, bias, p, instance)
+        return out if out is NotImplemented else (out[0].squeeze(0), out[1])
+    return _forward(_linear_geom(weight), x, weight, bias, p, instance)
+
+
+def linear_bwd(grad_y, x, weight, p: OpParams, instance, out_mask, y_stride, needs_input_grad=True,
+               needs_weight_grad=True):
+    """Straight-through backward of `linear_fwd`; as `noisyops.reference.linear_bwd`."""
+    if x.dim() == 1:
+        out = _backward(_linear_geom(weight), grad_y.unsqueeze(0), x.unsqueeze(0), weight, p, instance,
+                        out_mask, (grad_y.shape[0],) + tuple(y_stride), needs_input_grad, needs_weight_grad)
+        if out is NotImplemented:
+            return out
+        gx, gw = out
+        return (gx.squeeze(0) if gx is not None else None), gw
+    return _backward(_linear_geom(weight), grad_y, x, weight, p, instance, out_mask, y_stride,
+                     needs_input_grad, needs_weight_grad)

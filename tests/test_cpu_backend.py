@@ -1,0 +1,319 @@
+"""The `cpu` backend (C++ kernels around ATen) against the pure-torch reference.
+
+Kernel-level tests call `noisyops.backends.cpu` and `noisyops.reference` with the same arguments;
+the backward of both gets the reference's out mask, so a one-ulp difference in a forward value that
+flips a quantizer bit cannot leak into the gradient comparison. Quantized outputs may differ by one
+level where the pre-quantization values straddle a rounding tie (normals agree within a few ulp,
+not bit for bit), so those compare "all but a tiny fraction exactly, the rest within one level".
+End-to-end tests go through the custom ops with ``NOISYOPS_BACKEND=cpu`` and check the dispatch
+counts, so a silent fallback to the reference fails them.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from noisyops import LayerConfig, dispatch, functional, reference, stream
+from noisyops.backends import cpu
+from noisyops.backends.cpu_cache import CACHE
+from noisyops.params import resolve
+
+pytestmark = pytest.mark.skipif(not cpu.available()[0], reason=f"cpu backend: {cpu.available()[1]}")
+
+TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (2e-6, 2e-6), torch.bfloat16: (2e-2, 2e-2)}
+# float64 is bounded by the float32 normals (few-ulp log/sincos differences), not by float64 rounding.
+
+
+def _assert_close(a, b, dtype, what, level=0.0, frac=0.0):
+    """allclose with dtype-tied tolerances; with ``level > 0`` at most ``frac`` of the elements may
+    differ by up to one quantizer level (rounding ties)."""
+    rtol, atol = TOL[dtype]
+    a, b = a.double(), b.double()
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+    err = (a - b).abs()
+    bad = err > atol * scale + rtol * b.abs()
+    if level > 0:
+        nbad = int(bad.sum())
+        assert nbad <= max(1, frac * a.numel()), f"{what}: {nbad} of {a.numel()} elements differ"
+        assert float(err.max()) <= level * 1.001 + atol * scale, f"{what}: max err {float(err.max())}"
+    else:
+        assert not bool(bad.any()), (f"{what}: max err {float(err.max())} "
+                                     f"({int(bad.sum())} of {a.numel()} elements)")
+
+
+CONFIGS = {
+    "clean": LayerConfig(),
+    "add": LayerConfig(eta=0.05),
+    "mixed_clip_wq": LayerConfig(eta=0.03, eta_mul=0.1, w_range=(-0.4, 0.35), w_bits=4),
+    "kstd": LayerConfig(eta=0.04, w_range=2.0),
+    "quant_tiles": LayerConfig(eta=0.04, in_bits=8, in_range=(-2.0, 2.5), out_bits=6,
+                               out_range=(-3.0, 3.0), out_noise=0.05, tile_rows=20),
+    "outq_one_tile": LayerConfig(eta=0.04, in_bits=4, in_range=(-1.5, 1.5), out_bits=8,
+                                 out_range=(-2.0, 2.0)),
+    "outnoise_clean_grad": LayerConfig(eta=0.04, out_noise=0.1, tile_rows=30, clean_grad_input=True),
+}
+
+CONV_GEOMS = {
+    "plain": dict(n=3, cin=4, cout=6, hw=(6, 7), k=3, stride=2, padding=1, dilation=1, groups=1),
+    "grouped_dil": dict(n=2, cin=4, cout=6, hw=(7, 5), k=3, stride=1, padding=(1, 2), dilation=2, groups=2),
+    "depthwise_b1": dict(n=1, cin=4, cout=4, hw=(5, 5), k=3, stride=1, padding=1, dilation=1, groups=4),
+}
+
+
+def _ids(sampling, n):
+    if sampling == "per_instance":
+        return torch.tensor([(3 * s + 1) % 3 for s in range(n)], dtype=torch.int64)  # unequal groups
+    return torch.tensor(7, dtype=torch.int64)
+
+
+def _params(cfg, sampling):
+    return resolve(cfg.replace(sampling=sampling), seed=2**33 + 5, layer_key=3)
+
+
+def _conv_case(geom, dtype, channels_last=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(geom["n"], geom["cin"], *geom["hw"], generator=g, dtype=torch.float64).to(dtype)
+    w = (0.3 * torch.randn(geom["cout"], geom["cin"] // geom["groups"], geom["k"], geom["k"], generator=g,
+                           dtype=torch.float64)).to(dtype)
+    b = torch.randn(geom["cout"], generator=g, dtype=torch.float64).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, w, b
+
+
+def _pair(v):
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+def _level(p):
+    return (p.out_hi - p.out_lo) / ((1 << p.out_bits) - 1) * (p.num_tiles(1, 1) + 8) if p.out_bits else 0.0
+
+
+# ---- the noise stream ------------------------------------------------------------------------------
+def test_vectorised_normals_match_reference():
+    from noisyops import _ext
+    C = _ext.cpu()[0]
+    for seed, key, purpose, inst, n in [(0, 0, 0, 0, 1000), (2**40 + 3, 7, 1, 2**35 + 11, 4099),
+                                        (123, 5, 2, 9, 37)]:
+        got = C.cpu_normals(seed, key, purpose, inst, n)
+        want = stream.normals(seed, key, purpose, inst, n)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+
+
+def test_weight_noise_words_and_normals_vs_reference():
+    """W = 0 and sigma = 1 exposes the additive stream itself at every element, any offset."""
+    from noisyops import _ext
+    C = _ext.cpu()[0]
+    w = torch.zeros(3, 5, 7, 3)
+    ids = [0, 5, 2**33 + 1]
+    out = torch.empty((3,) + tuple(w.shape))
+    C.cpu_noisy_weights_(w, out, ids, 0.0, 0.0, False, 0, 1.0, 0.0, 99, 4)
+    for k, inst in enumerate(ids):
+        want = stream.normals(99, 4, stream.PURPOSE_ADD, inst, w.numel()).view_as(w)
+        torch.testing.assert_close(out[k], want, rtol=1e-5, atol=2e-6)
+
+
+def test_quantizer_exact_vs_reference():
+    from noisyops import _ext
+    C = _ext.cpu()[0]
+    x = torch.linspace(-3, 3, 10007)
+    x = torch.cat([x, torch.tensor([-2.0, 2.5, 0.0, float("inf"), -float("inf")])])
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        xd = x.to(dtype)
+        want = reference.quantize(xd.to(reference.compute_dtype(dtype)), -2.0, 2.5, 5).to(dtype)
+        assert torch.equal(C.cpu_quantize(xd, -2.0, 2.5, 5), want), dtype
+
+
+# ---- conv kernels vs reference ------------------------------------------------------------------
+def _check_conv(cfg_name, sampling, dtype, geom_name, channels_last=False):
+    geom = CONV_GEOMS[geom_name]
+    x, w, b = _conv_case(geom, dtype, channels_last)
+    p = _params(CONFIGS[cfg_name], sampling)
+    inst = _ids(sampling, geom["n"])
+    args = (_pair(geom["stride"]), _pair(geom["padding"]), _pair(geom["dilation"]), geom["groups"])
+    y_ref, m_ref = reference.conv2d_fwd(x, w, b, *args, p, inst)
+    y, m = cpu.conv2d_fwd(x, w, b, *args, p, inst)
+    assert y.dtype == dtype and y.stride() == y_ref.stride(), (y.stride(), y_ref.stride())
+    assert m.dtype == torch.int32 and m.shape == m_ref.shape
+    lvl = _level(p)
+    _assert_close(y, y_ref, dtype, "y", level=lvl, frac=0.01 if dtype == torch.bfloat16 else 0.002)
+    if m.numel():
+        flips = int(torch.bitwise_xor(m, m_ref).view(torch.uint8).flatten().tolist().count(0) != m.numel() * 4)
+        diff_bits = sum(bin(v & 0xFFFFFFFF).count("1") for v in torch.bitwise_xor(m, m_ref).flatten().tolist())
+        assert diff_bits <= max(1, y.numel() * m.shape[0] // 200), (flips, diff_bits)
+    g = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g = g.to(dtype).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    gx_ref, gw_ref = reference.conv2d_bwd(g, x, w, *args, p, inst, m_ref, list(y_ref.stride()), True, True)
+    gx, gw = cpu.conv2d_bwd(g, x, w, *args, p, inst, m_ref, list(y_ref.stride()), True, True)
+    _assert_close(gx, gx_ref, dtype, "grad_x")
+    _assert_close(gw, gw_ref, dtype, "grad_w")
+    gx2, gw2 = cpu.conv2d_bwd(g, x, w, *args, p, inst, m_ref, list(y_ref.stride()), True, False)
+    assert gw2 is None
+    _assert_close(gx2, gx_ref, dtype, "grad_x only")
+
+
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
+@pytest.mark.parametrize("sampling", ["per_call", "per_sample", "per_instance"])
+def test_conv_fp32_all_configs(cfg_name, sampling):
+    _check_conv(cfg_name, sampling, torch.float32, "plain")
+
+
+@pytest.mark.parametrize("geom_name", list(CONV_GEOMS))
+@pytest.mark.parametrize("cfg_name", ["mixed_clip_wq", "quant_tiles"])
+@pytest.mark.parametrize("sampling", ["per_call", "per_instance"])
+def test_conv_geometries(geom_name, cfg_name, sampling):
+    _check_conv(cfg_name, sampling, torch.float32, geom_name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("cfg_name", ["add", "quant_tiles", "mixed_clip_wq"])
+def test_conv_dtypes(dtype, cfg_name):
+    _check_conv(cfg_name, "per_sample" if cfg_name == "add" else "per_call", dtype, "plain")
+
+
+@pytest.mark.parametrize("cfg_name", ["add", "quant_tiles", "outq_one_tile"])
+@pytest.mark.parametrize("sampling", ["per_call", "per_sample"])
+def test_conv_channels_last(cfg_name, sampling):
+    _check_conv(cfg_name, sampling, torch.float32, "plain", channels_last=True)
+
+
+def test_conv_clean_is_exact_f_conv2d():
+    x, w, b = _conv_case(CONV_GEOMS["plain"], torch.float32)
+    p = _params(LayerConfig(), "per_call")
+    y, m = cpu.conv2d_fwd(x, w, b, [2, 2], [1, 1], [1, 1], 1, p, torch.tensor(0))
+    assert torch.equal(y, F.conv2d(x, w, b, 2, 1)) and m.numel() == 0
+
+
+def test_per_instance_equal_groups_grouped_path():
+    """Equal samples per chip, interleaved: the grouped-conv path with a gather."""
+    x, w, b = _conv_case(CONV_GEOMS["plain"], torch.float32)
+    x = torch.cat([x, x[:1]])
+    ids = torch.tensor([0, 1, 0, 1], dtype=torch.int64)
+    p = _params(CONFIGS["mixed_clip_wq"], "per_instance")
+    y_ref, _ = reference.conv2d_fwd(x, w, b, [2, 2], [1, 1], [1, 1], 1, p, ids)
+    CACHE.clear()
+    y, _ = cpu.conv2d_fwd(x, w, b, [2, 2], [1, 1], [1, 1], 1, p, ids)
+    _assert_close(y, y_ref, torch.float32, "y")
+    y2, _ = cpu.conv2d_fwd(x, w, b, [2, 2], [1, 1], [1, 1], 1, p, ids)
+    assert CACHE.hits >= 1 and torch.equal(y, y2)
+    with torch.no_grad():
+        w.add_(0.01)  # bumps weight._version: the cached chips are stale
+    y3, _ = cpu.conv2d_fwd(x, w, b, [2, 2], [1, 1], [1, 1], 1, p, ids)
+    y3_ref, _ = reference.conv2d_fwd(x, w, b, [2, 2], [1, 1], [1, 1], 1, p, ids)
+    _assert_close(y3, y3_ref, torch.float32, "y after weight update")
+
+
+def test_per_sample_chunks(monkeypatch):
+    """A tiny chunk budget forces one instance per chunk: same result."""
+    x, w, b = _conv_case(CONV_GEOMS["plain"], torch.float32)
+    p = _params(CONFIGS["add"], "per_sample")
+    y_ref, _ = reference.conv2d_fwd(x, w, b, [2, 2], [1, 1], [1, 1], 1, p, torch.tensor(3))
+    monkeypatch.setenv("NOISYOPS_CPU_CHUNK_MB", "0.0001")
+    y, _ = cpu.conv2d_fwd(x, w, b, [2, 2], [1, 1], [1, 1], 1, p, torch.tensor(3))
+    _assert_close(y, y_ref, torch.float32, "y")
+
+
+# ---- linear --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cfg_name", ["add", "mixed_clip_wq", "quant_tiles", "outnoise_clean_grad", "clean"])
+@pytest.mark.parametrize("sampling", ["per_call", "per_sample", "per_instance"])
+@pytest.mark.parametrize("shape", [(5, 64), (3, 2, 64)])
+def test_linear_vs_reference(cfg_name, sampling, shape):
+    g0 = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=g0)
+    w = 0.2 * torch.randn(9, 64, generator=g0)
+    b = torch.randn(9, generator=g0)
+    p = _params(CONFIGS[cfg_name], sampling)
+    inst = _ids(sampling, shape[0])
+    y_ref, m_ref = reference.linear_fwd(x, w, b, p, inst)
+    y, m = cpu.linear_fwd(x, w, b, p, inst)
+    _assert_close(y, y_ref, torch.float32, "y", level=_level(p), frac=0.01)
+    g = torch.randn(y_ref.shape, generator=g0)
+    gx_ref, gw_ref = reference.linear_bwd(g, x, w, p, inst, m_ref, list(y_ref.stride()))
+    gx, gw = cpu.linear_bwd(g, x, w, p, inst, m_ref, list(y_ref.stride()))
+    _assert_close(gx, gx_ref, torch.float32, "grad_x")
+    _assert_close(gw, gw_ref, torch.float32, "grad_w")
+
+
+def test_linear_1d_and_fp64():
+    x = torch.randn(64, dtype=torch.float64)
+    w = 0.2 * torch.randn(9, 64, dtype=torch.float64)
+    p = _params(CONFIGS["quant_tiles"], "per_call")
+    y_ref, m_ref = reference.linear_fwd(x, w, None, p, torch.tensor(0))
+    y, m = cpu.linear_fwd(x, w, None, p, torch.tensor(0))
+    _assert_close(y, y_ref, torch.float64, "y", level=_level(p), frac=0.2)
+    g = torch.randn(9, dtype=torch.float64)
+    gx_ref, gw_ref = reference.linear_bwd(g, x, w, p, torch.tensor(0), m_ref, list(y_ref.stride()))
+    gx, gw = cpu.linear_bwd(g, x, w, p, torch.tensor(0), m_ref, list(y_ref.stride()))
+    _assert_close(gx, gx_ref, torch.float64, "grad_x")
+    _assert_close(gw, gw_ref, torch.float64, "grad_w")
+
+
+# ---- end to end through the custom ops ------------------------------------------------------------
+def test_functional_autograd_runs_cpu_backend(backend_env):
+    backend_env("cpu")
+    dispatch.reset_counts()
+    cfg = LayerConfig(eta=0.04, in_bits=8, in_range=(-3.0, 3.0), out_bits=8, out_range=(-6.0, 6.0))
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w = (0.2 * torch.randn(5, 3, 3, 3)).requires_grad_()
+    b = torch.randn(5, requires_grad=True)
+    y = functional.noisy_conv2d(x, w, b, padding=1, config=cfg, seed=1, instance=4)
+    y.square().sum().backward()
+    lin = functional.noisy_linear(torch.randn(4, 6), torch.randn(3, 6), config=cfg, seed=1)
+    counts = dispatch.backend_counts()
+    assert counts.get(("conv2d_fwd", "cpu")) == 1 and counts.get(("conv2d_bwd", "cpu")) == 1
+    assert counts.get(("linear_fwd", "cpu")) == 1
+    assert not any(k[1] == "reference" for k in counts)
+    assert x.grad is not None and w.grad is not None and b.grad is not None and lin.shape == (4, 3)
+
+
+def test_default_dispatch_prefers_cpu():
+    dispatch.reset_counts()
+    functional.noisy_linear(torch.randn(4, 6), torch.randn(3, 6), config=LayerConfig(eta=0.1), seed=1)
+    assert dispatch.last_backend("linear_fwd") == "cpu"
+
+
+@pytest.mark.parametrize("sampling", ["per_call", "per_instance"])
+def test_opcheck_conv_and_linear(backend_env, sampling):
+    from noisyops import ops
+    backend_env("cpu")
+    cfg = LayerConfig(eta=0.05, in_bits=8, in_range=(-2.0, 2.0), out_bits=6, out_range=(-4.0, 4.0),
+                      tile_rows=9, sampling=sampling)
+    p = resolve(cfg, seed=3, layer_key=1)
+    f, i = p.to_op_args()
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    w = (0.3 * torch.randn(3, 4, 3, 3)).requires_grad_()
+    b = torch.randn(3, requires_grad=True)
+    inst = torch.tensor([1, 0]) if sampling == "per_instance" else torch.tensor(2)
+    torch.library.opcheck(ops.noisy_conv2d_op, (x, w, b, [1, 1], [1, 1], [1, 1], 1, f, i, inst))
+    xl = torch.randn(2, 8, requires_grad=True)
+    wl = torch.randn(5, 8, requires_grad=True)
+    torch.library.opcheck(ops.noisy_linear_op, (xl, wl, None, f, i, inst))
+
+
+def test_chip_cache_budget(monkeypatch):
+    monkeypatch.setenv("NOISYOPS_CHIP_CACHE_MB", "0")
+    CACHE.clear()
+    x, w, b = _conv_case(CONV_GEOMS["plain"], torch.float32)
+    p = _params(CONFIGS["add"], "per_instance")
+    cpu.conv2d_fwd(x, w, b, [1, 1], [0, 0], [1, 1], 1, p, torch.tensor([0, 1, 2]))
+    assert len(CACHE) == 0
+    monkeypatch.setenv("NOISYOPS_CHIP_CACHE_MB", "1")
+    cpu.conv2d_fwd(x, w, b, [1, 1], [0, 0], [1, 1], 1, p, torch.tensor([0, 1, 2]))
+    assert len(CACHE) == 1 and 0 < CACHE.nbytes <= 1 << 20
+    CACHE.clear()
+
+
+def test_chip_cache_sees_edits_through_data():
+    """``w.data`` edits do not bump ``_version``; the checksum still invalidates the cached chips."""
+    CACHE.clear()
+    x, w, b = _conv_case(CONV_GEOMS["plain"], torch.float32)
+    p = _params(CONFIGS["add"], "per_instance")
+    ids = torch.tensor([0, 1, 2])
+    cpu.conv2d_fwd(x, w, b, [1, 1], [0, 0], [1, 1], 1, p, ids)
+    w.data[0, 0, 0, 0] += 0.5
+    y, _ = cpu.conv2d_fwd(x, w, b, [1, 1], [0, 0], [1, 1], 1, p, ids)
+    y_ref, _ = reference.conv2d_fwd(x, w, b, [1, 1], [0, 0], [1, 1], 1, p, ids)
+    _assert_close(y, y_ref, torch.float32, "y after .data edit")
+    CACHE.clear()

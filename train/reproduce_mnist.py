@@ -1,0 +1,206 @@
+"""The MNIST / LeNet-5 reproduction of docs/results.md (Noisy Machines, Zhou et al. 2020).
+
+    python -m train.reproduce_mnist --out runs/repro_mnist --prepare-only        # teacher + fine-tune
+    python -m train.reproduce_mnist --out runs/repro_mnist --method none          # no retraining
+    python -m train.reproduce_mnist --out runs/repro_mnist --method inject        # noise injection
+    python -m train.reproduce_mnist --out runs/repro_mnist --method distill       # + distillation
+    python -m train.reproduce_mnist --out runs/repro_mnist --table                # the markdown table
+
+The methods after ``--prepare-only`` can run in parallel processes (they only read the teacher
+and fine-tune checkpoints). Every training stage is resumable (``--resume`` is implied) and each
+(method, η) result is appended to ``<out>/results_<method>.json`` as soon as it exists, so a
+killed run continues where it stopped.
+
+Methods, all with the same hardware model (weights clipped to ±2·std(W) fixed at conversion,
+8-bit weights / inputs / outputs with calibrated ranges, additive weight noise σ = η·(w_max − w_min)):
+- ``none``: the clean teacher converted as is (clip + quantize + calibrate, no training at all);
+- ``finetuned``: the clipped, fine-tuned, quantized model (no noise during training);
+- ``inject``: a student per η trained with noise η (per-call noise), plain cross-entropy;
+- ``distill``: the same plus distillation from the clean teacher (eq. 10, T = 6, α = 1).
+Each model is evaluated at the η it was trained for (``none``/``finetuned``: at every η) over
+``--chips`` chips (per_instance noise, chip ids 0..n−1, the same for every model) on the first
+``--eval-limit`` test images; the noise-free (quantized) accuracy is measured on the full test set.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+
+from .config import load_config
+
+METHODS = ("none", "finetuned", "inject", "distill")
+
+
+def _results_path(out, method):
+    return os.path.join(out, f"results_{method}.json")
+
+
+def _load(path):
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def _store(path, data):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def table(out: str, etas) -> str:
+    res = {m: _load(_results_path(out, m)) for m in METHODS}
+    base = _load(os.path.join(out, "prepare.json"))
+    names = {"none": "no retraining (clip + 8-bit)", "finetuned": "clip + fine-tune (no noise)",
+             "inject": "noise injection", "distill": "noise injection + distillation"}
+    lines = []
+    if base:
+        lines.append(f"clean float LeNet-5 (teacher): {100 * base['teacher']:.2f}% on {base['n_test']} test images; "
+                     f"clipped ±2σ + fine-tuned: {100 * base['finetuned']:.2f}%; + 8-bit quantized: "
+                     f"{100 * base['quantized']:.2f}%\n")
+    lines.append("| method | " + " | ".join(f"η={e:g}" for e in etas) + " |")
+    lines.append("|" + " --- |" * (len(etas) + 1))
+    for m in METHODS:
+        if not res[m]:
+            continue
+        cells = []
+        for e in etas:
+            r = res[m].get(f"{float(e):g}")
+            cells.append("not run" if r is None else f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}")
+        lines.append(f"| {names[m]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Noise-free accuracy of the same models (quantizers on, η = 0) on the chip-evaluation images / "
+                 "on the full test set:\n")
+    lines.append("| method | " + " | ".join(f"trained at η={e:g}" for e in etas) + " |")
+    lines.append("|" + " --- |" * (len(etas) + 1))
+    for m in METHODS:
+        if not res[m]:
+            continue
+        cells = []
+        for e in etas:
+            r = res[m].get(f"{float(e):g}")
+            if r is None:
+                cells.append("not run")
+            else:
+                ce = "?" if r.get("clean_eval") is None else f"{100 * r['clean_eval']:.2f}"
+                cl = "?" if r.get("clean") is None else f"{100 * r['clean']:.2f}"
+                cells.append(f"{ce} / {cl}")
+        lines.append(f"| {names[m]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/repro_mnist")
+    ap.add_argument("--method", choices=METHODS)
+    ap.add_argument("--prepare-only", action="store_true")
+    ap.add_argument("--table", action="store_true")
+    ap.add_argument("--etas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3])
+    ap.add_argument("--chips", type=int, default=10)
+    ap.add_argument("--eval-limit", type=int, default=2000, help="test images per chip evaluation")
+    ap.add_argument("--teacher-epochs", type=int, default=2)
+    ap.add_argument("--finetune-epochs", type=int, default=1)
+    ap.add_argument("--student-epochs", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.table:
+        print(table(args.out, args.etas))
+        return 0
+    if not args.prepare_only and args.method is None:
+        ap.error("give --method, --prepare-only or --table")
+
+    cfg = load_config(None, [
+        f"out_dir={args.out}", "resume=true", f"threads={args.threads}", f"seed={args.seed}",
+        f"progress={str(args.progress).lower()}", "ckpt_every=200",
+        f"teacher.epochs={args.teacher_epochs}", "teacher.lr=0.05",
+        f"finetune.epochs={args.finetune_epochs}", "finetune.lr=0.01",
+        f"student.epochs={args.student_epochs}", "student.lr=0.01",
+        "quant.w_bits=8", "quant.in_bits=8", "quant.out_bits=8",
+        f"eval.chips={args.chips}", f"eval.test_limit={args.eval_limit}", "eval.batch_size=500",
+        "data.eval_batch_size=1000",
+    ])
+    import torch
+    import noisyops
+    from noisyops import LayerConfig
+    from .pipeline import _clean_acc, eval_batches, noisy_eval, prepare, quantize, train_student
+
+    t0 = time.time()
+    c = prepare(cfg)
+    prep_path = os.path.join(args.out, "prepare.json")
+    if not os.path.exists(prep_path):
+        _store(prep_path, {"teacher": c.results["clean"]["teacher (float)"],
+                           "finetuned": c.results["clean"]["clipped ±2σ + fine-tuned"],
+                           "quantized": c.results["clean"]["+ quantized"], "n_test": len(c.test_ds)})
+    print(f"prepared in {time.time() - t0:.0f} s", flush=True)
+    if args.prepare_only:
+        return 0
+
+    batches = eval_batches(c)
+    from noisyops.training import evaluate
+    path = _results_path(args.out, args.method)
+    done = _load(path)
+
+    from noisyops.evaluation import clean_accuracy
+
+    def record(eta, r, clean=None, seconds=None, clean_eval=None):
+        done[f"{eta:g}"] = dict(r, clean=clean, seconds=seconds, n_eval=sum(int(y.numel()) for _, y in batches),
+                                clean_eval=clean_eval)
+        _store(path, done)
+        print(f"{args.method} η={eta:g}: {100 * r['mean']:.2f} ± {100 * r['std']:.2f} "
+              f"(noise-free {'-' if clean is None else f'{100 * clean:.2f}'})", flush=True)
+
+    if args.method in ("none", "finetuned"):
+        if args.method == "none":
+            model = noisyops.convert(copy.deepcopy(c.teacher), LayerConfig(w_range=2.0), seed=c.seed)
+            quantize(model, cfg["quant"], c.calib)
+        else:
+            model = c.ft
+        clean = evaluate(model, c.eval_loader, c.device)["acc"]
+        clean_eval = clean_accuracy(model, batches)
+        for eta in args.etas:
+            key = f"{eta:g}"
+            if key in done:
+                if done[key].get("clean_eval") is None:  # filled in for runs of an older version
+                    done[key]["clean_eval"] = clean_eval
+                    _store(path, done)
+                continue
+            t1 = time.time()
+            r = noisy_eval(model, batches, [eta], chips=args.chips, group_size=args.chips,
+                           progress=args.progress, label=args.method)[eta]
+            record(eta, r, clean, time.time() - t1, clean_eval)
+        return 0
+
+    alpha = 1.0 if args.method == "distill" else 0.0
+    for eta in args.etas:
+        key = f"{eta:g}"
+        if key in done and done[key].get("clean_eval") is not None:
+            continue
+        s = dict(cfg["student"], eta=float(eta), alpha=alpha)
+        t1 = time.time()
+        torch.manual_seed(c.seed)
+        # a finished student is loaded from its final checkpoint (train_stage skips it)
+        student = train_student(c, s, os.path.join(args.out, f"{args.method}_eta{eta:g}"))
+        if key in done:  # filled in for runs of an older version
+            done[key]["clean_eval"] = clean_accuracy(student, batches)
+            _store(path, done)
+            continue
+        clean = clean_accuracy(student, [(x, y) for x, y in _iter(c.eval_loader)])
+        r = noisy_eval(student, batches, [eta], chips=args.chips, group_size=args.chips,
+                       progress=args.progress, label=args.method)[eta]
+        record(eta, r, clean, time.time() - t1, clean_accuracy(student, batches))
+    return 0
+
+
+def _iter(loader):
+    loader.set_epoch(0, 0)
+    return iter(loader)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
