@@ -90,8 +90,25 @@ class OpParams:
         """Additive weight-noise std ``σ = eta·(w_hi − w_lo)``."""
         return self.eta * (w_hi - w_lo)
 
+    @property
+    def tiled(self) -> bool:
+        """Tiles only change the result when each tile's partial sum gets its own noise or ADC;
+        otherwise every backend runs one product (bias fused into it)."""
+        return self.out_bits > 0 or self.out_noise > 0
+
     def num_tiles(self, in_channels_per_group: int, kernel_numel: int) -> int:
         return len(tile_bounds(in_channels_per_group, kernel_numel, self.tile_rows))
+
+
+def sample_instance_ids(p: OpParams, batch: int, instance: torch.Tensor) -> List[int]:
+    """The noise instance id of every sample (SPEC section 2): the counter (per_call),
+    ``counter·2^24 + s`` (per_sample), or ``instance[s]`` (per_instance)."""
+    if p.sampling == PER_INSTANCE:
+        return [int(v) for v in instance.reshape(-1).tolist()]
+    counter = int(instance)
+    if p.sampling == PER_SAMPLE:
+        return [counter * SAMPLE_STRIDE + s for s in range(batch)]
+    return [counter] * batch
 
 
 def tile_bounds(in_channels_per_group: int, kernel_numel: int, tile_rows: int) -> List[Tuple[int, int]]:

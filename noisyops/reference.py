@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import stream
-from .params import PER_CALL, PER_INSTANCE, PER_SAMPLE, SAMPLE_STRIDE, OpParams, tile_bounds
+from .params import OpParams, sample_instance_ids, tile_bounds
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -112,16 +112,6 @@ def weight_noisy(wq: torch.Tensor, sigma: float, p: OpParams, instance: int) -> 
     return wn
 
 
-def sample_instances(p: OpParams, batch: int, instance: torch.Tensor) -> List[int]:
-    """The noise instance id of every sample (SPEC section 2)."""
-    if p.sampling == PER_INSTANCE:
-        return [int(v) for v in instance.reshape(-1).tolist()]
-    counter = int(instance)
-    if p.sampling == PER_SAMPLE:
-        return [counter * SAMPLE_STRIDE + s for s in range(batch)]
-    return [counter] * batch
-
-
 def _groups_by_instance(ids: List[int]):
     """``{instance id: [sample indices]}`` in first-seen order."""
     out = {}
@@ -153,19 +143,14 @@ class _Layer:
         return masks
 
 
-def _tiled(p: OpParams) -> bool:
-    """Tiles only change the result when each tile's partial sum gets its own noise or ADC."""
-    return p.out_bits > 0 or p.out_noise > 0
-
-
 def _forward(layer: _Layer, x, weight, bias, p: OpParams, instance):
     cd = compute_dtype(x.dtype)
     xq = quantize(x.to(cd), p.in_lo, p.in_hi, p.in_bits).to(x.dtype)
     wq, sigma, _ = weight_quantized(weight, p, cd)
     batch = x.shape[0]
-    ids = sample_instances(p, batch, instance)
-    tiles = layer.tile_masks(p, wq) if _tiled(p) else [None]
-    fused_bias = None if _tiled(p) or bias is None else bias.to(x.dtype)
+    ids = sample_instance_ids(p, batch, instance)
+    tiles = layer.tile_masks(p, wq) if p.tiled else [None]
+    fused_bias = None if p.tiled or bias is None else bias.to(x.dtype)
     fmt = memory_format_of(x)
     y_tiles = [None] * len(tiles)
     for inst, samples in _groups_by_instance(ids).items():
@@ -216,8 +201,8 @@ def _backward(layer: _Layer, grad_y, x, weight, p: OpParams, instance, out_mask,
     xc = x.to(cd)
     wq, sigma, wmask = weight_quantized(weight, p, cd)
     batch = x.shape[0]
-    ids = sample_instances(p, batch, instance)
-    tiles = layer.tile_masks(p, wq) if _tiled(p) else [None]
+    ids = sample_instance_ids(p, batch, instance)
+    tiles = layer.tile_masks(p, wq) if p.tiled else [None]
     if p.out_bits:
         omask = unpack_mask(out_mask, g.shape, y_stride)
         g_tiles = [g * omask[t].to(cd) for t in range(len(tiles))]

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext, reference, stream
-from ..params import PER_CALL, PER_INSTANCE, PER_SAMPLE, SAMPLE_STRIDE, OpParams, tile_bounds
+from ..params import PER_CALL, PER_INSTANCE, OpParams, sample_instance_ids, tile_bounds
 from .cpu_cache import CACHE
 
 DEVICES = ("cpu",)
@@ -111,19 +111,6 @@ def _dense(t, fmt):
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
 
-def _tiled(p: OpParams) -> bool:
-    return p.out_bits > 0 or p.out_noise > 0
-
-
-def _sample_ids(p: OpParams, batch: int, instance: torch.Tensor) -> List[int]:
-    if p.sampling == PER_INSTANCE:
-        return [int(v) for v in instance.reshape(-1).tolist()]
-    counter = int(instance)
-    if p.sampling == PER_SAMPLE:
-        return [counter * SAMPLE_STRIDE + s for s in range(batch)]
-    return [counter] * batch
-
-
 # ---- weights ----------------------------------------------------------------------------------
 class _Weights:
     """Clip/quantize/noise parameters of one call, and the generator of ``Wn`` for instance ids."""
@@ -191,7 +178,7 @@ class _Conv:
         self.wshape = tuple(weight.shape)
 
     def tiles(self, p):
-        return tile_bounds(self.cin_g, self.kernel_numel, p.tile_rows) if _tiled(p) else [(0, self.cin_g)]
+        return tile_bounds(self.cin_g, self.kernel_numel, p.tile_rows) if p.tiled else [(0, self.cin_g)]
 
     def x_tile(self, x, c0, c1):
         if c0 == 0 and c1 == self.cin_g:
@@ -258,7 +245,7 @@ class _Linear:
         self.wshape = tuple(weight.shape)
 
     def tiles(self, p):
-        return tile_bounds(self.cin_g, 1, p.tile_rows) if _tiled(p) else [(0, self.cin_g)]
+        return tile_bounds(self.cin_g, 1, p.tile_rows) if p.tiled else [(0, self.cin_g)]
 
     def x_tile(self, x, c0, c1):
         return x if c0 == 0 and c1 == self.cin_g else x[..., c0:c1]
@@ -378,9 +365,9 @@ def _forward(layer, x, weight, bias, p: OpParams, instance):
     batch = x.shape[0]
     xq = _quantize_ws("fwd_xq", _dense(x, fmt), p.in_lo, p.in_hi, p.in_bits) if p.in_bits else x
     wsrc = _Weights(weight, p, cd, x.dtype)
-    ids = _sample_ids(p, batch, instance)
+    ids = sample_instance_ids(p, batch, instance)
     tiles = layer.tiles(p)
-    if not _tiled(p):
+    if not p.tiled:
         y = _products(layer, xq, wsrc, None if bias is None else bias, p, ids, tiles[0], x.dtype)
         return _dense(y, fmt), x.new_empty((0,), dtype=torch.int32)
     acc = None
@@ -455,7 +442,7 @@ def _backward(layer, grad_y, x, weight, p: OpParams, instance, out_mask, y_strid
     grad_x = grad_w = None
     single = len(tiles) == 1
     if p.sampling == PER_CALL or not wsrc.noise:
-        ids = _sample_ids(p, batch, instance)
+        ids = sample_instance_ids(p, batch, instance)
         wn = wsrc.make(ids[:1])[0]
         if single:  # one ATen call for both gradients (grad_x via Wn, grad_w via xq)
             grad_x, grad_w = layer.bwd(g_tiles[0], xq, wn, need_x, need_w)
@@ -471,7 +458,7 @@ def _backward(layer, grad_y, x, weight, p: OpParams, instance, out_mask, y_strid
                 if need_w:
                     layer.w_tile(grad_w, c0, c1).copy_(gw_t)
     else:
-        ids = _sample_ids(p, batch, instance)
+        ids = sample_instance_ids(p, batch, instance)
         if need_x:
             grad_x = torch.empty_like(xc)
             for (c0, c1), g_t in zip(tiles, g_tiles):

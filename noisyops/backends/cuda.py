@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 from .. import _ext
 from . import gpu_cost
-from ..params import PER_INSTANCE, OpParams, tile_bounds
-from ..reference import memory_format_of, sample_instances
+from ..params import PER_INSTANCE, OpParams, sample_instance_ids, tile_bounds
+from ..reference import memory_format_of
 
 DEVICES = ("cuda",)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -152,12 +152,8 @@ def _linear_geom(weight) -> _Geom:
 
 
 # ---- building blocks ------------------------------------------------------------------------------
-def _tiled(p: OpParams) -> bool:
-    return p.out_bits > 0 or p.out_noise > 0
-
-
 def _tiles(geom: _Geom, p: OpParams) -> List[Tuple[int, int]]:
-    if not _tiled(p):
+    if not p.tiled:
         return [(0, geom.in_per_group)]
     return tile_bounds(geom.in_per_group, geom.kernel_numel, p.tile_rows)
 
@@ -173,7 +169,7 @@ def _instance_groups(p: OpParams, batch: int, instance: torch.Tensor):
     """``[(instance id, samples)]`` in first-seen order, and the per-sample ids. ``samples`` is a
     ``slice`` when the instance's samples are a contiguous run of the batch (indexing then gives
     views, no gather copies), else a list of indices."""
-    ids = sample_instances(p, batch, instance)
+    ids = sample_instance_ids(p, batch, instance)
     groups = {}
     for s, i in enumerate(ids):
         groups.setdefault(i, []).append(s)
@@ -273,7 +269,7 @@ def _forward(geom: _Geom, x, weight, bias, p: OpParams, instance):
     groups, ids = _instance_groups(p, batch, instance)
     inst_ids = [i for i, _ in groups]
     tiles = _tiles(geom, p)
-    tiled = _tiled(p)
+    tiled = p.tiled
     fused_bias = None if tiled or bias is None else bias.to(x.dtype)
 
     parts: List[Optional[torch.Tensor]] = [None] * len(tiles)
