@@ -128,8 +128,9 @@ class NoisyModuleMixin:
         self._params_error: Optional[Exception] = None
         self.set_weight_range()
 
-    def _noisy_weight(self) -> Tensor:  # pragma: no cover - overridden
-        raise NotImplementedError
+    def _noisy_weight(self) -> Tensor:
+        """The clean weight tensor the crossbar holds (each layer type says which)."""
+        raise NotImplementedError(f"{type(self).__name__} must define _noisy_weight()")
 
     # ---- public state ------------------------------------------------------------------------
     @property
