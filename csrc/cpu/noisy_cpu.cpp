@@ -445,19 +445,8 @@ void mask_grad_out(torch::Tensor g, torch::Tensor words, torch::Tensor out) {
 
 torch::Tensor mask_grad(torch::Tensor g, torch::Tensor words) {
   check_dense(g, "g");
-  TORCH_CHECK(words.scalar_type() == torch::kInt && words.is_contiguous() &&
-                  words.numel() == (g.numel() + 31) / 32,
-              "mask_grad: words must be int32 contiguous [", (g.numel() + 31) / 32, "]");
   auto out = torch::empty_like(g, at::MemoryFormat::Preserve);
-  TORCH_CHECK(same_layout(out, g), "mask_grad: g must be dense");
-  if (g.scalar_type() == torch::kFloat) {
-    mask_grad_impl<float>(g.data_ptr<float>(), out.data_ptr<float>(), words.data_ptr<int32_t>(), g.numel());
-  } else if (g.scalar_type() == torch::kDouble) {
-    mask_grad_impl<double>(g.data_ptr<double>(), out.data_ptr<double>(), words.data_ptr<int32_t>(),
-                           g.numel());
-  } else {
-    TORCH_CHECK(false, "mask_grad: g must be float32 or float64, got ", g.scalar_type());
-  }
+  mask_grad_out(g, words, out);
   return out;
 }
 

@@ -111,6 +111,18 @@ def _dense(t, fmt):
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
 
+def _place(out, part, rng, order, batch: int):
+    """Write the rows of one chip set (``part``) into the batch-sized ``out`` (allocated on first
+    use): a contiguous sample range ``rng`` or the sample indices ``order``."""
+    if out is None:
+        out = part.new_empty((batch,) + tuple(part.shape[1:]))
+    if rng:
+        out[rng[0]:rng[1]] = part
+    else:
+        out.index_copy_(0, order, part)
+    return out
+
+
 # ---- weights ----------------------------------------------------------------------------------
 class _Weights:
     """Clip/quantize/noise parameters of one call, and the generator of ``Wn`` for instance ids."""
@@ -346,12 +358,7 @@ def _products(layer, xq, wsrc: _Weights, bias, p, ids, tile, out_dtype):
             part = torch.cat(parts)
         if rng and rng == (0, batch):
             return part
-        if y is None:
-            y = part.new_empty((batch,) + tuple(part.shape[1:]))
-        if rng:
-            y[rng[0]:rng[1]] = part
-        else:
-            y.index_copy_(0, order, part)
+        y = _place(y, part, rng, order, batch)
     return y
 
 
@@ -504,12 +511,7 @@ def _grad_input_grouped(layer, g, xt, wsrc: _Weights, p, ids, tile):
             part = torch.cat(parts)
         if rng and rng == (0, batch):
             return part
-        if out is None:
-            out = part.new_empty((batch,) + tuple(part.shape[1:]))
-        if rng:
-            out[rng[0]:rng[1]] = part
-        else:
-            out.index_copy_(0, order, part)
+        out = _place(out, part, rng, order, batch)
     return out
 
 
