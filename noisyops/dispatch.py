@@ -9,6 +9,11 @@ kernels ``conv2d_fwd``, ``conv2d_bwd``, ``linear_fwd``, ``linear_bwd`` with the 
 * Otherwise the first backend in ``PREFERENCE[device type]`` that is available and accepts the
   call runs. An implementation declines a call by returning ``NotImplemented``.
 
+Every kernel gets the call's `noisyops.plan.CallPlan` (built once by the op) as ``plan=``. A plan
+whose route is ``clean`` (every option off) runs `noisyops.clean` on the chosen backend, for the
+dtypes the backend supports (``SUPPORTED_DTYPES``): exactly ``F.conv2d`` / ``F.linear``, forced or
+not. `route_counts` says how often each route ran.
+
 Every call records which backend ran (`last_backend`, `backend_counts`), and logs it at DEBUG
 level on the ``noisyops.dispatch`` logger, so a fallback is never silent.
 """
@@ -67,6 +72,7 @@ class Backend:
 
 _REGISTRY: Dict[str, Backend] = {name: Backend(name, f"noisyops.backends.{name}") for name in BACKENDS}
 _counts: collections.Counter = collections.Counter()
+_route_counts: collections.Counter = collections.Counter()
 _last: Dict[str, str] = {}
 
 
@@ -92,8 +98,15 @@ def candidates(device_type: str) -> List[str]:
     return list(PREFERENCE.get(device_type, ("reference",)))
 
 
-def run(kernel: str, device_type: str, *args, **kwargs):
-    """Run ``kernel`` on the first backend that accepts the call; record which one ran."""
+def _accepts_dtype(mod, dtype) -> bool:
+    supported = getattr(mod, "SUPPORTED_DTYPES", None)
+    return supported is None or dtype in supported
+
+
+def run(kernel: str, plan, device_type: str, *args, **kwargs):
+    """Run ``kernel`` for ``plan`` on the first backend that accepts the call; record which one
+    ran. ``args`` are the kernel's arguments (`noisyops.reference` signatures)."""
+    from . import clean
     forced = forced_backend()
     tried = []
     for name in candidates(device_type):
@@ -109,11 +122,15 @@ def run(kernel: str, device_type: str, *args, **kwargs):
         if fn is None:
             tried.append(f"{name}: has no {kernel}")
             continue
-        out = fn(*args, **kwargs)
+        if plan.route == "clean" and _accepts_dtype(be.load(), plan.product_dtype):
+            out = getattr(clean, kernel)(plan, *args)
+        else:
+            out = fn(*args, plan=plan, **kwargs)
         if out is NotImplemented:
             tried.append(f"{name}: declined this call")
             continue
         _counts[(kernel, name)] += 1
+        _route_counts[(kernel, plan.route)] += 1
         _last[kernel] = name
         if tried:
             log.debug("%s on %s ran %s after: %s", kernel, device_type, name, "; ".join(tried))
@@ -134,8 +151,14 @@ def backend_counts() -> Dict[Tuple[str, str], int]:
     return dict(_counts)
 
 
+def route_counts() -> Dict[Tuple[str, str], int]:
+    """``{(kernel, route): calls}`` (routes: `noisyops.plan.ROUTES`) since the last `reset_counts`."""
+    return dict(_route_counts)
+
+
 def reset_counts() -> None:
     _counts.clear()
+    _route_counts.clear()
     _last.clear()
 
 

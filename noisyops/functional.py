@@ -67,8 +67,31 @@ def _check_seed_key(seed, layer_key):
         raise TypeError(f"layer_key={layer_key!r}: expected an int in [0, 2^30)")
 
 
-def instance_tensor(p: OpParams, instance, batch: int, device: torch.device) -> Tensor:
-    """Validate ``instance`` for the sampling mode and return it as the op's int64 tensor."""
+def _on_host(t: Tensor) -> bool:
+    """Reading a CPU tensor is a memory load; reading a GPU tensor would sync the stream."""
+    return t.device.type == "cpu"
+
+
+def _check_ids_async(ok: Tensor, message: str) -> None:
+    """``ok`` (0-d bool) must hold: checked now on the host, asynchronously on a device
+    (``torch._assert_async``: no sync; a failure surfaces at a later kernel launch)."""
+    if torch.compiler.is_compiling():
+        return
+    if _on_host(ok):
+        if not bool(ok):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, message)
+
+
+def instance_tensor(p: OpParams, instance, batch: int, device: torch.device, *,
+                    checked: bool = False) -> Tensor:
+    """Validate ``instance`` for the sampling mode and return it as the op's int64 tensor.
+
+    No host sync: an int is checked before it becomes a tensor; a tensor's values are checked on
+    the host when it lives there, else by an asynchronous device assert. ``checked=True`` skips the
+    value checks (callers that made the ids themselves: `noisyops.chips`, the modules' counter).
+    """
     if p.sampling == PER_INSTANCE:
         if not isinstance(instance, Tensor):
             raise TypeError(f"instance={instance!r}: per_instance sampling expects an int64 tensor "
@@ -79,27 +102,36 @@ def instance_tensor(p: OpParams, instance, batch: int, device: torch.device) -> 
         if instance.device != device:
             raise ValueError(f"instance is on {instance.device} but input is on {device}: "
                              f"expected all tensors on one device")
-        if not torch.compiler.is_compiling() and batch and int(instance.min()) < 0:
-            raise ValueError(f"instance: chip ids must be >= 0, got min {int(instance.min())}")
+        if not checked and batch:
+            if _on_host(instance) and not torch.compiler.is_compiling():
+                low = int(instance.min())
+                if low < 0:
+                    raise ValueError(f"instance: chip ids must be >= 0, got min {low}")
+            else:
+                _check_ids_async(instance.min() >= 0, "instance: chip ids must be >= 0")
         return instance
+    limit = (1 << 39) if p.sampling == PER_SAMPLE else (1 << 63)
+    if p.sampling == PER_SAMPLE and batch > SAMPLE_STRIDE:
+        raise ValueError(f"input: per_sample sampling supports batches up to 2^24, got {batch}")
     if isinstance(instance, Tensor):
         if instance.dim() != 0 or instance.dtype != torch.int64:
             raise ValueError(f"instance: {('per_call', 'per_sample')[p.sampling]} sampling expects an "
                              f"int or a 0-d int64 tensor (the call counter), got {instance.dtype} "
                              f"{tuple(instance.shape)}")
-        counter = instance
-    else:
-        if isinstance(instance, bool) or not isinstance(instance, int):
-            raise TypeError(f"instance={instance!r}: expected an int >= 0 (the call counter)")
-        counter = torch.tensor(instance, dtype=torch.int64, device=device)
-    if not torch.compiler.is_compiling():
-        c = int(counter)
-        limit = (1 << 39) if p.sampling == PER_SAMPLE else (1 << 63)
-        if not 0 <= c < limit:
-            raise ValueError(f"instance={c}: expected a call counter in [0, {limit})")
-        if p.sampling == PER_SAMPLE and batch > SAMPLE_STRIDE:
-            raise ValueError(f"input: per_sample sampling supports batches up to 2^24, got {batch}")
-    return counter
+        if not checked:
+            if _on_host(instance) and not torch.compiler.is_compiling():
+                c = int(instance)
+                if not 0 <= c < limit:
+                    raise ValueError(f"instance={c}: expected a call counter in [0, {limit})")
+            else:
+                _check_ids_async((instance >= 0) & (instance < limit),
+                                 f"instance: expected a call counter in [0, {limit})")
+        return instance
+    if isinstance(instance, bool) or not isinstance(instance, int):
+        raise TypeError(f"instance={instance!r}: expected an int >= 0 (the call counter)")
+    if not 0 <= instance < limit:
+        raise ValueError(f"instance={instance}: expected a call counter in [0, {limit})")
+    return torch.tensor(instance, dtype=torch.int64, device=device)
 
 
 # ---- conv2d ---------------------------------------------------------------------------------------

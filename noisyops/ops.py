@@ -25,30 +25,17 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .params import OpParams, tile_bounds
+from .params import OpParams
+from .plan import conv2d_plan, linear_plan, memory_format_of
 
 
-def _tiles_in_mask(p: OpParams, in_per_group: int, kernel_numel: int) -> int:
-    if not p.out_bits:
-        return 0
-    return len(tile_bounds(in_per_group, kernel_numel, p.tile_rows))
+def _mask_like(y: Tensor, mask_shape) -> Tensor:
+    return y.new_empty(tuple(mask_shape), dtype=torch.int32)
 
 
-def _mask_like(y: Tensor, tiles: int) -> Tensor:
-    if tiles == 0:
-        return y.new_empty((0,), dtype=torch.int32)
-    return y.new_empty((tiles, (y.numel() + 31) // 32), dtype=torch.int32)
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _dense(t: Tensor, like: Tensor) -> Tensor:
-    """``t`` made dense in the memory format of ``like`` (incoming grads may be expanded)."""
-    return t.contiguous(memory_format=_memory_format(like))
+def _dense(t: Tensor, fmt: torch.memory_format) -> Tensor:
+    """``t`` made dense in memory format ``fmt`` (incoming grads may be expanded)."""
+    return t.contiguous(memory_format=fmt)
 
 
 # ---- conv2d -----------------------------------------------------------------------------------
@@ -58,19 +45,17 @@ def noisy_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: S
                     fparams: Sequence[float], iparams: Sequence[int], instance: Tensor
                     ) -> Tuple[Tensor, Tensor]:
     p = OpParams.from_op_args(fparams, iparams)
-    return dispatch.run("conv2d_fwd", x.device.type, x, weight, bias, list(stride), list(padding),
+    plan = conv2d_plan(x, weight, stride, padding, dilation, groups, p, instance)
+    return dispatch.run("conv2d_fwd", plan, x.device.type, x, weight, bias, list(stride), list(padding),
                         list(dilation), groups, p, instance)
 
 
 @noisy_conv2d_op.register_fake
 def _(x, weight, bias, stride, padding, dilation, groups, fparams, iparams, instance):
-    p = OpParams.from_op_args(fparams, iparams)
-    n, _, h, w = x.shape
-    c_out, cin_g, kh, kw = weight.shape
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    y = x.new_empty((n, c_out, ho, wo)).contiguous(memory_format=_memory_format(x))
-    return y, _mask_like(y, _tiles_in_mask(p, cin_g, kh * kw))
+    plan = conv2d_plan(x, weight, stride, padding, dilation, groups,
+                       OpParams.from_op_args(fparams, iparams), instance, measure=False)
+    y = x.new_empty(plan.out_shape).contiguous(memory_format=plan.memory_format)
+    return y, _mask_like(y, plan.mask_shape)
 
 
 @torch.library.custom_op("noisyops::noisy_conv2d_backward", mutates_args=())
@@ -80,7 +65,8 @@ def noisy_conv2d_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, stride: 
                              out_mask: Tensor, y_stride: Sequence[int], needs_input_grad: bool,
                              needs_weight_grad: bool) -> Tuple[Tensor, Tensor]:
     p = OpParams.from_op_args(fparams, iparams)
-    gx, gw = dispatch.run("conv2d_bwd", x.device.type, grad_y, x, weight, list(stride), list(padding),
+    plan = conv2d_plan(x, weight, stride, padding, dilation, groups, p, instance)
+    gx, gw = dispatch.run("conv2d_bwd", plan, x.device.type, grad_y, x, weight, list(stride), list(padding),
                           list(dilation), groups, p, instance, out_mask, list(y_stride),
                           needs_input_grad, needs_weight_grad)
     return (gx if gx is not None else x.new_empty(0)), (gw if gw is not None else weight.new_empty(0))
@@ -98,6 +84,7 @@ def _conv_setup_context(ctx, inputs, output):
     y, out_mask = output
     ctx.save_for_backward(x, weight, instance, out_mask)
     ctx.conv = (list(stride), list(padding), list(dilation), groups)
+    ctx.memory_format = memory_format_of(x)
     ctx.params = (list(fparams), list(iparams))
     ctx.y_stride = list(y.stride())
     ctx.has_bias = bias is not None
@@ -107,7 +94,7 @@ def _conv_backward(ctx, grad_y, _grad_mask):
     x, weight, instance, out_mask = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    grad_y = _dense(grad_y, x)
+    grad_y = _dense(grad_y, ctx.memory_format)
     gx = gw = gb = None
     if need_x or need_w:
         gx, gw = noisy_conv2d_backward_op(grad_y, x, weight, stride, padding, dilation, groups,
@@ -115,8 +102,9 @@ def _conv_backward(ctx, grad_y, _grad_mask):
                                           bool(need_x), bool(need_w))
         gx = gx if need_x else None
         gw = gw if need_w else None
-    if ctx.has_bias and need_b:
-        gb = grad_y.sum(dim=(0, 2, 3))
+    if ctx.has_bias and need_b:  # as F.conv2d's autograd computes it (bit for bit)
+        gb = torch.ops.aten.convolution_backward(grad_y, x, weight, [weight.shape[0]], stride, padding,
+                                                 dilation, False, [0, 0], groups, [False, False, True])[2]
     return gx, gw, gb, None, None, None, None, None, None, None
 
 
@@ -128,14 +116,15 @@ torch.library.register_autograd("noisyops::noisy_conv2d", _conv_backward, setup_
 def noisy_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], fparams: Sequence[float],
                     iparams: Sequence[int], instance: Tensor) -> Tuple[Tensor, Tensor]:
     p = OpParams.from_op_args(fparams, iparams)
-    return dispatch.run("linear_fwd", x.device.type, x, weight, bias, p, instance)
+    return dispatch.run("linear_fwd", linear_plan(x, weight, p, instance), x.device.type, x, weight,
+                        bias, p, instance)
 
 
 @noisy_linear_op.register_fake
 def _(x, weight, bias, fparams, iparams, instance):
-    p = OpParams.from_op_args(fparams, iparams)
-    y = x.new_empty(tuple(x.shape[:-1]) + (weight.shape[0],))
-    return y, _mask_like(y, _tiles_in_mask(p, weight.shape[1], 1))
+    plan = linear_plan(x, weight, OpParams.from_op_args(fparams, iparams), instance, measure=False)
+    y = x.new_empty(plan.out_shape)
+    return y, _mask_like(y, plan.mask_shape)
 
 
 @torch.library.custom_op("noisyops::noisy_linear_backward", mutates_args=())
@@ -144,7 +133,8 @@ def noisy_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, fparams:
                              y_stride: Sequence[int], needs_input_grad: bool,
                              needs_weight_grad: bool) -> Tuple[Tensor, Tensor]:
     p = OpParams.from_op_args(fparams, iparams)
-    gx, gw = dispatch.run("linear_bwd", x.device.type, grad_y, x, weight, p, instance, out_mask,
+    gx, gw = dispatch.run("linear_bwd", linear_plan(x, weight, p, instance), x.device.type, grad_y, x,
+                          weight, p, instance, out_mask,
                           list(y_stride), needs_input_grad, needs_weight_grad)
     return (gx if gx is not None else x.new_empty(0)), (gw if gw is not None else weight.new_empty(0))
 

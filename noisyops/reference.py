@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import stream
 from .params import OpParams, sample_instance_ids, tile_bounds
+from .plan import memory_format_of  # noqa: F401  (re-exported: the kernels import it from here)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -184,14 +185,6 @@ def _forward(layer: _Layer, x, weight, bias, p: OpParams, instance):
     if bias is not None and fused_bias is None:
         y = y + layer.bias_view(bias.to(cd))
     return y.to(x.dtype).contiguous(memory_format=fmt), mask
-
-
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """The output memory format every backend returns: channels-last for a channels-last 4-D
-    input, else contiguous (row-major). Out masks follow the output's storage order."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _backward(layer: _Layer, grad_y, x, weight, p: OpParams, instance, out_mask, y_stride,

@@ -400,9 +400,15 @@ def test_gpu_policy(monkeypatch):
     monkeypatch.delenv("NOISYOPS_GPU_PATH", raising=False)
     assert gpu_policy.use_cuda_path("conv2d_fwd", weight_only, x, w) is True
     assert gpu_policy.use_cuda_path("conv2d_bwd", weight_only, x, w) is True
-    assert gpu_policy.use_cuda_path("conv2d_fwd", quantized, x, w) is False
-    # per_sample on a wide late layer: 256 weight copies exceed the pre-pass budget, the CUDA path
-    # would run 256 convs; the fused kernels win
+    # pointwise quantizers (untiled): pre-pass + cuDNN, the route safe without a GPU measurement
+    assert gpu_policy.use_cuda_path("conv2d_fwd", quantized, x, w) is True
+    per_instance = OpParams(eta=0.05, sampling=2)
+    assert gpu_policy.use_cuda_path("conv2d_fwd", per_instance, x, w) is True
+    # crossbar tiles and per_sample weight noise need the fused kernels
+    tiled = OpParams(eta=0.05, out_bits=8, out_lo=-4.0, out_hi=4.0, tile_rows=128)
+    assert gpu_policy.use_cuda_path("conv2d_fwd", tiled, x, w) is False
+    one_tile = OpParams(eta=0.05, out_bits=8, out_lo=-4.0, out_hi=4.0, tile_rows=576)
+    assert gpu_policy.use_cuda_path("conv2d_fwd", one_tile, x, w) is True  # 64·9 rows: one tile
     x4, w4 = torch.empty(256, 512, 7, 7, device="meta"), torch.empty(512, 512, 3, 3, device="meta")
     assert gpu_policy.use_cuda_path("conv2d_fwd", OpParams(eta=0.05, sampling=PER_SAMPLE), x4, w4) is False
     assert gpu_policy.use_cuda_path("conv2d_fwd", weight_only, x4, w4) is True

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext, reference, stream
-from ..params import PER_CALL, PER_INSTANCE, OpParams, sample_instance_ids, tile_bounds
+from ..params import PER_CALL, PER_INSTANCE, OpParams
+from ..plan import CallPlan, conv2d_plan, linear_plan
 from .cpu_cache import CACHE
 
 DEVICES = ("cpu",)
@@ -97,16 +98,6 @@ def _quantize_ws(slot, x, lo, hi, bits):
     return out
 
 
-def _cd(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _fmt(x):
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _dense(t, fmt):
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
@@ -119,7 +110,7 @@ def _place(out, part, rng, order, batch: int):
     if rng:
         out[rng[0]:rng[1]] = part
     else:
-        out.index_copy_(0, order, part)
+        out.index_copy_(0, _index(order), part)
     return out
 
 
@@ -127,11 +118,11 @@ def _place(out, part, rng, order, batch: int):
 class _Weights:
     """Clip/quantize/noise parameters of one call, and the generator of ``Wn`` for instance ids."""
 
-    def __init__(self, weight: torch.Tensor, p: OpParams, cd: torch.dtype, out_dtype: torch.dtype,
-                 noise: bool = True):
-        self.weight, self.p, self.cd, self.out_dtype = weight, p, cd, out_dtype
-        self.lo, self.hi = p.weight_range(weight)
-        self.sigma = p.sigma(self.lo, self.hi)
+    def __init__(self, weight: torch.Tensor, plan: CallPlan, out_dtype: torch.dtype, noise: bool = True):
+        p = plan.p
+        self.weight, self.p, self.cd, self.out_dtype = weight, p, plan.compute_dtype, out_dtype
+        self.lo, self.hi = (plan.w_lo, plan.w_hi) if plan.w_lo is not None else (0.0, 0.0)
+        self.sigma = plan.sigma
         self.noise = noise and p.has_weight_noise
         self.transform = self.noise or bool(p.w_clip)
         self._wc = None
@@ -188,9 +179,6 @@ class _Conv:
         self.cin_g = weight.shape[1]
         self.kernel_numel = weight.shape[2] * weight.shape[3]
         self.wshape = tuple(weight.shape)
-
-    def tiles(self, p):
-        return tile_bounds(self.cin_g, self.kernel_numel, p.tile_rows) if p.tiled else [(0, self.cin_g)]
 
     def x_tile(self, x, c0, c1):
         if c0 == 0 and c1 == self.cin_g:
@@ -256,9 +244,6 @@ class _Linear:
         self.kernel_numel = 1
         self.wshape = tuple(weight.shape)
 
-    def tiles(self, p):
-        return tile_bounds(self.cin_g, 1, p.tile_rows) if p.tiled else [(0, self.cin_g)]
-
     def x_tile(self, x, c0, c1):
         return x if c0 == 0 and c1 == self.cin_g else x[..., c0:c1]
 
@@ -304,7 +289,7 @@ class _Linear:
 
 # ---- instance groups --------------------------------------------------------------------------
 def _chunks(p: OpParams, ids: List[int], wbytes: int):
-    """``[(instance ids, sample index tensor ordered chip-major, samples per chip or None)]``.
+    """``[(instance ids, sample indices (host ints) ordered chip-major, samples per chip or None)]``.
 
     Equal sample counts per chip -> one grouped product per chunk; else None (one product per chip).
     """
@@ -318,18 +303,23 @@ def _chunks(p: OpParams, ids: List[int], wbytes: int):
         ks = keys[c:c + per_chunk]
         counts = {len(groups[k]) for k in ks}
         order = [s for k in ks for s in groups[k]]
-        out.append((ks, torch.tensor(order, dtype=torch.int64), counts.pop() if len(counts) == 1 else None))
+        out.append((ks, order, counts.pop() if len(counts) == 1 else None))
     return out
 
 
-def _is_range(idx: torch.Tensor, batch: int) -> Optional[Tuple[int, int]]:
-    n = idx.numel()
+def _is_range(order: List[int], batch: int) -> Optional[Tuple[int, int]]:
+    """``(a, b)`` when the sample indices ``order`` are the run ``a, a+1, ..., b-1`` (host ints)."""
+    n = len(order)
     if n == 0:
         return None
-    a = int(idx[0])
-    if a + n <= batch and bool((idx == torch.arange(a, a + n)).all()):
+    a = order[0]
+    if a + n <= batch and order == list(range(a, a + n)):
         return a, a + n
     return None
+
+
+def _index(order: List[int]) -> torch.Tensor:
+    return torch.tensor(order, dtype=torch.int64)
 
 
 def _products(layer, xq, wsrc: _Weights, bias, p, ids, tile, out_dtype):
@@ -346,7 +336,7 @@ def _products(layer, xq, wsrc: _Weights, bias, p, ids, tile, out_dtype):
     for ks, order, n in _chunks(p, ids, wbytes):
         wn = wsrc.per_instance(ks) if p.sampling == PER_INSTANCE else wsrc.make(ks)
         rng = _is_range(order, batch)
-        xs = xt[rng[0]:rng[1]] if rng else xt.index_select(0, order)
+        xs = xt[rng[0]:rng[1]] if rng else xt.index_select(0, _index(order))
         if n is not None and (GROUPED_CHIPS or len(ks) == 1):
             part = layer.fwd(xs, layer.stack(layer.w_tile(wn, c0, c1)), bias, k=len(ks))
         else:
@@ -363,17 +353,17 @@ def _products(layer, xq, wsrc: _Weights, bias, p, ids, tile, out_dtype):
 
 
 # ---- forward ----------------------------------------------------------------------------------
-def _forward(layer, x, weight, bias, p: OpParams, instance):
+def _forward(layer, plan: CallPlan, x, weight, bias):
     if x.dtype not in _SUPPORTED or weight.dtype != x.dtype:
         return NotImplemented
     C = _C()
-    cd = _cd(x.dtype)
-    fmt = _fmt(x)
+    p = plan.p
+    cd, fmt = plan.compute_dtype, plan.memory_format
     batch = x.shape[0]
     xq = _quantize_ws("fwd_xq", _dense(x, fmt), p.in_lo, p.in_hi, p.in_bits) if p.in_bits else x
-    wsrc = _Weights(weight, p, cd, x.dtype)
-    ids = sample_instance_ids(p, batch, instance)
-    tiles = layer.tiles(p)
+    wsrc = _Weights(weight, plan, x.dtype)
+    ids = plan.host_ids()  # CPU tensors: a memory load, not a device sync
+    tiles = plan.tiles
     if not p.tiled:
         y = _products(layer, xq, wsrc, None if bias is None else bias, p, ids, tiles[0], x.dtype)
         return _dense(y, fmt), x.new_empty((0,), dtype=torch.int32)
@@ -424,19 +414,19 @@ def _ste_(grad, ref, lo, hi):
     return grad
 
 
-def _backward(layer, grad_y, x, weight, p: OpParams, instance, out_mask, y_stride, need_x, need_w):
+def _backward(layer, plan: CallPlan, grad_y, x, weight, out_mask, y_stride, need_x, need_w):
     if x.dtype not in _SUPPORTED or weight.dtype != x.dtype:
         return NotImplemented
     C = _C()
-    cd = _cd(x.dtype)
-    fmt = _fmt(x)
+    p = plan.p
+    cd, fmt = plan.compute_dtype, plan.memory_format
     batch = x.shape[0]
     xc = _dense(x.to(cd), fmt)
     g = _dense(grad_y.to(cd), fmt)
     if p.out_bits and not _same_layout(g.shape, g.stride(), y_stride):
         # the mask bits follow y's storage order: lay the gradient out like y was
         g = torch.empty_strided(g.shape, tuple(y_stride), dtype=cd).copy_(g)
-    tiles = layer.tiles(p)
+    tiles = plan.tiles
     if p.out_bits and len(tiles) == 1:
         g_tiles = [_workspace("bwd_g", g, cd)]
         C.cpu_mask_grad_out(g, out_mask[0].contiguous(), g_tiles[0])
@@ -445,11 +435,11 @@ def _backward(layer, grad_y, x, weight, p: OpParams, instance, out_mask, y_strid
     else:
         g_tiles = [g] * len(tiles)
     xq = _quantize_ws("bwd_xq", xc, p.in_lo, p.in_hi, p.in_bits) if p.in_bits and need_w else xc
-    wsrc = _Weights(weight, p, cd, cd, noise=not p.clean_grad_input)
+    wsrc = _Weights(weight, plan, cd, noise=not p.clean_grad_input)
     grad_x = grad_w = None
     single = len(tiles) == 1
+    ids = plan.host_ids()  # CPU tensors: a memory load, not a device sync
     if p.sampling == PER_CALL or not wsrc.noise:
-        ids = sample_instance_ids(p, batch, instance)
         wn = wsrc.make(ids[:1])[0]
         if single:  # one ATen call for both gradients (grad_x via Wn, grad_w via xq)
             grad_x, grad_w = layer.bwd(g_tiles[0], xq, wn, need_x, need_w)
@@ -465,7 +455,6 @@ def _backward(layer, grad_y, x, weight, p: OpParams, instance, out_mask, y_strid
                 if need_w:
                     layer.w_tile(grad_w, c0, c1).copy_(gw_t)
     else:
-        ids = sample_instance_ids(p, batch, instance)
         if need_x:
             grad_x = torch.empty_like(xc)
             for (c0, c1), g_t in zip(tiles, g_tiles):
@@ -497,8 +486,8 @@ def _grad_input_grouped(layer, g, xt, wsrc: _Weights, p, ids, tile):
     for ks, order, n in _chunks(p, ids, wbytes):
         wn = wsrc.per_instance(ks) if p.sampling == PER_INSTANCE else wsrc.make(ks)
         rng = _is_range(order, batch)
-        xs = xt[rng[0]:rng[1]] if rng else xt.index_select(0, order)
-        gs = g[rng[0]:rng[1]] if rng else g.index_select(0, order)
+        xs = xt[rng[0]:rng[1]] if rng else xt.index_select(0, _index(order))
+        gs = g[rng[0]:rng[1]] if rng else g.index_select(0, _index(order))
         if n is not None:
             part, _ = layer.bwd(gs, xs, layer.stack(layer.w_tile(wn, c0, c1)), True, False, k=len(ks))
         else:
@@ -516,37 +505,39 @@ def _grad_input_grouped(layer, g, xt, wsrc: _Weights, p, ids, tile):
 
 
 # ---- the four kernels ---------------------------------------------------------------------------
-def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, p: OpParams, instance):
+def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, p: OpParams, instance, plan=None):
     """`noisyops.reference.conv2d_fwd` on the C++ CPU kernels (see the module docstring)."""
-    return _forward(_Conv(weight, stride, padding, dilation, groups), x, weight, bias, p, instance)
+    plan = plan or conv2d_plan(x, weight, stride, padding, dilation, groups, p, instance)
+    return _forward(_Conv(weight, stride, padding, dilation, groups), plan, x, weight, bias)
 
 
 def conv2d_bwd(grad_y, x, weight, stride, padding, dilation, groups, p: OpParams, instance, out_mask,
-               y_stride, needs_input_grad=True, needs_weight_grad=True):
+               y_stride, needs_input_grad=True, needs_weight_grad=True, plan=None):
     """`noisyops.reference.conv2d_bwd` on the C++ CPU kernels; noise regenerated, never stored."""
-    return _backward(_Conv(weight, stride, padding, dilation, groups), grad_y, x, weight, p, instance,
+    plan = plan or conv2d_plan(x, weight, stride, padding, dilation, groups, p, instance)
+    return _backward(_Conv(weight, stride, padding, dilation, groups), plan, grad_y, x, weight,
                      out_mask, y_stride, needs_input_grad, needs_weight_grad)
 
 
-def linear_fwd(x, weight, bias, p: OpParams, instance):
-    """`noisyops.reference.linear_fwd` on the C++ CPU kernels."""
-    if x.dim() == 1:
-        out = _forward(_Linear(weight), x.unsqueeze(0), weight, bias, p, instance)
-        if out is NotImplemented:
-            return out
-        return out[0].squeeze(0), out[1]
-    return _forward(_Linear(weight), x.contiguous(), weight, bias, p, instance)
+def linear_fwd(x, weight, bias, p: OpParams, instance, plan=None):
+    """`noisyops.reference.linear_fwd` on the C++ CPU kernels (a 1-D ``x`` is one sample)."""
+    plan = plan or linear_plan(x, weight, p, instance)
+    out = _forward(_Linear(weight), plan, x.unsqueeze(0).contiguous()
+                   if plan.unbatched else x.contiguous(), weight, bias)
+    if out is NotImplemented or not plan.unbatched:
+        return out
+    return out[0].reshape(plan.out_shape), out[1]
 
 
 def linear_bwd(grad_y, x, weight, p: OpParams, instance, out_mask, y_stride,
-               needs_input_grad=True, needs_weight_grad=True):
+               needs_input_grad=True, needs_weight_grad=True, plan=None):
     """`noisyops.reference.linear_bwd` on the C++ CPU kernels."""
-    if x.dim() == 1:
-        out = _backward(_Linear(weight), grad_y.unsqueeze(0), x.unsqueeze(0), weight, p, instance,
-                        out_mask, (0,) + tuple(y_stride), needs_input_grad, needs_weight_grad)
-        if out is NotImplemented:
-            return out
-        gx, gw = out
-        return (gx.squeeze(0) if gx is not None else None), gw
-    return _backward(_Linear(weight), grad_y.contiguous(), x.contiguous(), weight, p, instance, out_mask,
-                     y_stride, needs_input_grad, needs_weight_grad)
+    plan = plan or linear_plan(x, weight, p, instance)
+    if plan.unbatched:
+        grad_y, x = grad_y.unsqueeze(0), x.unsqueeze(0)
+    out = _backward(_Linear(weight), plan, grad_y.contiguous(), x.contiguous(), weight, out_mask,
+                    plan.batched_y_stride(y_stride), needs_input_grad, needs_weight_grad)
+    if out is NotImplemented or not plan.unbatched:
+        return out
+    gx, gw = out
+    return (gx.squeeze(0) if gx is not None else None), gw

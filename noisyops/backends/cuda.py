@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 from .. import _ext
 from . import gpu_cost
-from ..params import PER_INSTANCE, OpParams, sample_instance_ids, tile_bounds
-from ..reference import memory_format_of
+from ..params import PER_CALL, PER_INSTANCE, PER_SAMPLE, OpParams
+from ..plan import CallPlan, conv2d_plan, linear_plan, memory_format_of
 
 DEVICES = ("cuda",)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -152,12 +152,6 @@ def _linear_geom(weight) -> _Geom:
 
 
 # ---- building blocks ------------------------------------------------------------------------------
-def _tiles(geom: _Geom, p: OpParams) -> List[Tuple[int, int]]:
-    if not p.tiled:
-        return [(0, geom.in_per_group)]
-    return tile_bounds(geom.in_per_group, geom.kernel_numel, p.tile_rows)
-
-
 def _quantize(x: torch.Tensor, lo: float, hi: float, bits: int, dtype: torch.dtype) -> torch.Tensor:
     """``Q(x; lo, hi, bits)`` cast to ``dtype`` by the CUDA quantizer kernel (x dense, layout kept)."""
     out = torch.empty_like(x, dtype=dtype)
@@ -165,121 +159,105 @@ def _quantize(x: torch.Tensor, lo: float, hi: float, bits: int, dtype: torch.dty
     return out
 
 
-def _instance_groups(p: OpParams, batch: int, instance: torch.Tensor):
-    """``[(instance id, samples)]`` in first-seen order, and the per-sample ids. ``samples`` is a
-    ``slice`` when the instance's samples are a contiguous run of the batch (indexing then gives
-    views, no gather copies), else a list of indices."""
-    ids = sample_instance_ids(p, batch, instance)
-    groups = {}
-    for s, i in enumerate(ids):
-        groups.setdefault(i, []).append(s)
-    out = []
-    for i, samples in groups.items():
-        if samples[-1] - samples[0] + 1 == len(samples):
-            samples = slice(samples[0], samples[-1] + 1)
-        out.append((i, samples))
-    return out, ids
-
-
 def _count(samples) -> int:
     return samples.stop - samples.start if isinstance(samples, slice) else len(samples)
 
 
-def _weights(weight: torch.Tensor, p: OpParams, inst_ids: Sequence[int], dtype: torch.dtype,
-             noisy: bool = True):
-    """Yield ``(k, W_k)`` for ``k in range(len(inst_ids))``: the noisy weights of instance
-    ``inst_ids[k]`` in ``dtype`` (``noisy=False``: Wq, clip + quantize only).
+def _product_groups(plan: CallPlan, noisy: bool = True):
+    """``([samples per group], instance ids int64 [K] on the device)``: the sample groups that
+    share one weight copy. Without weight noise (or ``noisy=False``) one group, the whole batch.
+    per_call / per_sample build the ids on the device (no host read); per_instance reads the chip
+    ids on the host to group them (the one read this path keeps, docs/routing.md)."""
+    p, n = plan.p, plan.batch
+    if not (noisy and p.has_weight_noise) or p.sampling == PER_CALL:
+        return [slice(0, n)], plan.instance.reshape(-1)[:1]
+    if p.sampling == PER_SAMPLE:
+        return [slice(s, s + 1) for s in range(n)], plan.prepass_ids()
+    groups = plan.host_groups()
+    ids = torch.tensor([i for i, _ in groups], dtype=torch.int64).to(plan.instance.device)
+    return [samples for _, samples in groups], ids
 
-    With noise, the CUDA pre-pass writes ``[K_chunk, *wshape]`` at a time (at most
-    `MAX_PREPASS_ELEMENTS` elements). Without noise Wq is instance-free: one pre-pass (or none at
-    all when nothing would change W: W cast to ``dtype``) shared by every k.
-    """
-    lo, hi = p.weight_range(weight)
-    add = noisy and p.eta > 0
-    mul = noisy and p.eta_mul > 0
-    if not (p.w_clip or add or mul):
-        w = weight.detach().to(dtype)
-        for k in range(len(inst_ids)):
-            yield k, w
-        return
+
+def _prepass(weight, plan: CallPlan, inst: torch.Tensor, dtype, noisy=True) -> torch.Tensor:
+    """The noisy weights of the instances ``inst`` (int64 [K], device) in one pre-pass:
+    ``[K, *wshape]`` in ``dtype`` (``noisy=False``: Wq, clip + quantize only, K = 1)."""
+    p = plan.p
+    add, mul = noisy and p.eta > 0, noisy and p.eta_mul > 0
     w32 = weight.detach().to(torch.float32).contiguous()
-    todo = list(inst_ids) if (add or mul) else [0]
-    chunk = max(1, MAX_PREPASS_ELEMENTS // max(1, w32.numel()))
-    for start in range(0, len(todo), chunk):
-        ids = todo[start:start + chunk]
-        out = torch.empty((len(ids),) + tuple(w32.shape), dtype=dtype, device=w32.device)
-        inst = torch.tensor([int(i) for i in ids], dtype=torch.int64).to(w32.device)
-        _C().weight_prepass(w32, out, inst, p.seed, p.layer_key, lo, hi, p.sigma(lo, hi), p.eta_mul,
-                            bool(p.w_clip), p.w_bits if p.w_clip else 0, add, mul)
-        if add or mul:
-            for j in range(len(ids)):
-                yield start + j, out[j]
-        else:
-            for k in range(len(inst_ids)):
-                yield k, out[0]
-
-
-def _interleaved_chips(geom: _Geom, p: OpParams, ids: List[int], x: torch.Tensor, n_tiles: int,
-                       w_numel: int) -> int:
-    """K > 1 when one grouped conv can serve every chip: weight noise on, sample s on chip
-    ``ids[s mod K]`` with K distinct ids, N divisible by K, x contiguous NCHW, one tile; else 0."""
-    if geom.grouped_product is None or n_tiles != 1 or not p.has_weight_noise or not x.is_contiguous():
-        return 0
-    seen = {}
-    for i in ids:
-        if i in seen:
-            break
-        seen[i] = len(seen)
-    K = len(seen)
-    if K < 2 or len(ids) % K or any(ids[s] != ids[s % K] for s in range(len(ids))):
-        return 0
-    if K * w_numel > MAX_PREPASS_ELEMENTS:
-        return 0
-    return K
-
-
-def _all_weights(weight, p: OpParams, inst_ids: Sequence[int], dtype, noisy=True) -> torch.Tensor:
-    """The noisy weights of every instance in one pre-pass: ``[K, *wshape]`` in ``dtype``."""
-    lo, hi = p.weight_range(weight)
-    w32 = weight.detach().to(torch.float32).contiguous()
-    out = torch.empty((len(inst_ids),) + tuple(w32.shape), dtype=dtype, device=w32.device)
-    inst = torch.tensor([int(i) for i in inst_ids], dtype=torch.int64).to(w32.device)
-    _C().weight_prepass(w32, out, inst, p.seed, p.layer_key, lo, hi, p.sigma(lo, hi), p.eta_mul,
-                        bool(p.w_clip), p.w_bits if p.w_clip else 0, noisy and p.eta > 0, noisy and p.eta_mul > 0)
+    if not (add or mul):
+        inst = inst[:1]
+    out = torch.empty((inst.numel(),) + tuple(w32.shape), dtype=dtype, device=w32.device)
+    lo, hi = (plan.w_lo, plan.w_hi) if plan.w_lo is not None else (0.0, 0.0)
+    _C().weight_prepass(w32, out, inst.contiguous(), p.seed, p.layer_key, lo, hi, plan.sigma, p.eta_mul,
+                        bool(p.w_clip), p.w_bits if p.w_clip else 0, add, mul)
     return out
 
 
-def _product_groups(p: OpParams, groups, batch: int, noisy: bool = True):
-    """Instance groups for the products: one group (the whole batch) when the weights do not
-    depend on the instance (no weight noise), else the instance groups."""
+def _all_weights(weight, plan: CallPlan, inst: torch.Tensor, dtype) -> torch.Tensor:
+    """The noisy weights of every instance of ``inst`` in one pre-pass (the interleaved-chip path)."""
+    return _prepass(weight, plan, inst, dtype)
+
+
+def _weights(weight, plan: CallPlan, inst: torch.Tensor, dtype, noisy: bool = True):
+    """Yield ``(k, W_k)`` for ``k in range(K)``: the noisy weights of instance ``inst[k]`` in
+    ``dtype`` (``noisy=False``: Wq). The pre-pass writes at most `MAX_PREPASS_ELEMENTS` weights at
+    once; without noise Wq is instance-free (one pre-pass, or none when nothing changes W)."""
+    p = plan.p
+    K = inst.numel()
+    if not (p.w_clip or (noisy and p.has_weight_noise)):
+        w = weight.detach().to(dtype)
+        for k in range(K):
+            yield k, w
+        return
     if not (noisy and p.has_weight_noise):
-        return [(groups[0][0], slice(0, batch))]
-    return groups
+        wq = _prepass(weight, plan, inst, dtype, noisy=False)[0]
+        for k in range(K):
+            yield k, wq
+        return
+    chunk = max(1, MAX_PREPASS_ELEMENTS // max(1, weight.numel()))
+    for start in range(0, K, chunk):
+        out = _prepass(weight, plan, inst[start:start + chunk], dtype)
+        for j in range(out.shape[0]):
+            yield start + j, out[j]
+
+
+def _interleaved_chips(geom: _Geom, plan: CallPlan, groups, x: torch.Tensor, w_numel: int,
+                       noisy: bool = True) -> int:
+    """K > 1 when one grouped conv can serve every chip: weight noise on, sample s in group
+    ``s mod K`` (K groups), N divisible by K, x contiguous NCHW, one tile; else 0."""
+    p = plan.p
+    if (geom.grouped_product is None or plan.tiled or not (noisy and p.has_weight_noise)
+            or not x.is_contiguous()):
+        return 0
+    K, n = len(groups), plan.batch
+    if K < 2 or n % K or K * w_numel > MAX_PREPASS_ELEMENTS:
+        return 0
+    for k, samples in enumerate(groups):
+        idx = list(range(samples.start, samples.stop)) if isinstance(samples, slice) else list(samples)
+        if idx != list(range(k, n, K)):
+            return 0
+    return K
 
 
 # ---- forward ---------------------------------------------------------------------------------
-def _forward(geom: _Geom, x, weight, bias, p: OpParams, instance):
+def _forward(geom: _Geom, plan: CallPlan, x, weight, bias):
     if x.dtype not in SUPPORTED_DTYPES:
         return NotImplemented
-    fmt = memory_format_of(x)
+    p, fmt, cd = plan.p, plan.memory_format, torch.float32
     x = x.contiguous(memory_format=fmt)
-    cd = torch.float32
     xq = _quantize(x, p.in_lo, p.in_hi, p.in_bits, x.dtype) if p.in_bits else x
     batch = x.shape[0]
-    groups, ids = _instance_groups(p, batch, instance)
-    inst_ids = [i for i, _ in groups]
-    tiles = _tiles(geom, p)
+    tiles = plan.tiles
     tiled = p.tiled
     fused_bias = None if tiled or bias is None else bias.to(x.dtype)
 
     parts: List[Optional[torch.Tensor]] = [None] * len(tiles)
-    K = _interleaved_chips(geom, p, ids, xq, len(tiles), weight.numel())
+    groups, inst = _product_groups(plan)
+    K = _interleaved_chips(geom, plan, groups, xq, weight.numel())
     if K:
-        parts[0] = geom.grouped_product(xq, _all_weights(weight, p, inst_ids, x.dtype), fused_bias)
-    groups = _product_groups(p, groups, batch)
-    inst_ids = [i for i, _ in groups]
-    for k, wn in ([] if K else _weights(weight, p, inst_ids, x.dtype)):
-        samples = groups[k][1]
+        parts[0] = geom.grouped_product(xq, _all_weights(weight, plan, inst, x.dtype), fused_bias)
+    for k, wn in ([] if K else _weights(weight, plan, inst, x.dtype)):
+        samples = groups[k]
         whole = _count(samples) == batch
         sel = xq if whole else xq[samples]
         for t, (c0, c1) in enumerate(tiles):
@@ -299,29 +277,26 @@ def _forward(geom: _Geom, x, weight, bias, p: OpParams, instance):
     parts = [y_t.contiguous(memory_format=fmt) for y_t in parts]
     out = torch.empty_like(parts[0], dtype=x.dtype)
     acc = torch.empty_like(parts[0], dtype=cd) if T > 1 else out
-    numel = parts[0].numel()
-    mask = (torch.empty((T, (numel + 31) // 32), dtype=torch.int32, device=x.device) if p.out_bits
+    mask = (torch.empty(plan.mask_shape, dtype=torch.int32, device=x.device) if p.out_bits
             else x.new_empty((0,), dtype=torch.int32))
     channels, hw, channels_last = geom.out_shape_info(parts[0])
     bias32 = bias.to(cd).contiguous() if bias is not None else None
-    per_instance = p.sampling == PER_INSTANCE
-    counter = 0 if per_instance else int(instance)
-    ids_t = (instance.reshape(-1).to(device=x.device, dtype=torch.int64).contiguous() if per_instance
-             else torch.empty((0,), dtype=torch.int64, device=x.device))
+    # every sampling mode as per-sample ids built on the device (per_instance mode of the kernel:
+    # instance = ids[s]), so the counter never comes back to the host
+    ids_t = plan.sample_ids().contiguous()
     for t in range(T):
         _C().output_tile(parts[t], acc, out, mask[t] if p.out_bits else mask, bias32, t, t == 0, t == T - 1,
                          p.seed, p.layer_key, p.out_noise, p.out_lo, p.out_hi, p.out_bits, channels, hw, batch,
-                         channels_last, p.sampling, counter, ids_t)
+                         channels_last, PER_INSTANCE, 0, ids_t)
     return out, mask
 
 
 # ---- backward --------------------------------------------------------------------------------
-def _backward(geom: _Geom, grad_y, x, weight, p: OpParams, instance, out_mask, y_stride,
+def _backward(geom: _Geom, plan: CallPlan, grad_y, x, weight, out_mask, y_stride,
               needs_input_grad: bool, needs_weight_grad: bool):
     if x.dtype not in SUPPORTED_DTYPES:
         return NotImplemented
-    cd = torch.float32
-    fmt = memory_format_of(x)
+    p, fmt, cd = plan.p, plan.memory_format, torch.float32
     x = x.contiguous(memory_format=fmt)
     dt = x.dtype  # products run in the input dtype (fp32 accumulate), masks and sums in float32
     # the gradient in y's storage order (the mask bits follow that order)
@@ -331,7 +306,7 @@ def _backward(geom: _Geom, grad_y, x, weight, p: OpParams, instance, out_mask, y
         g = torch.empty_strided(tuple(grad_y.shape), tuple(y_stride), dtype=dt, device=grad_y.device)
         g.copy_(grad_y)
     batch = x.shape[0]
-    tiles = _tiles(geom, p)
+    tiles = plan.tiles
     if p.out_bits:
         g_tiles = []
         for t in range(len(tiles)):
@@ -344,18 +319,16 @@ def _backward(geom: _Geom, grad_y, x, weight, p: OpParams, instance, out_mask, y
     grad_x = grad_w = None
     if needs_input_grad:
         noisy = not p.clean_grad_input
-        groups, ids = _instance_groups(p, batch, instance)
-        K = _interleaved_chips(geom, p, ids, x, len(tiles), weight.numel()) if noisy else 0
-        groups = _product_groups(p, groups, batch, noisy)
-        inst_ids = [i for i, _ in groups]
+        groups, inst = _product_groups(plan, noisy)
+        K = _interleaved_chips(geom, plan, groups, x, weight.numel(), noisy)
         direct = len(tiles) == 1 and len(groups) == 1
         if K:
-            grad_x = geom.grouped_grad_input(tuple(x.shape), _all_weights(weight, p, inst_ids, dt), g_tiles[0])
+            grad_x = geom.grouped_grad_input(tuple(x.shape), _all_weights(weight, plan, inst, dt), g_tiles[0])
             direct = True
         elif not direct:
             grad_x = torch.zeros(x.shape, dtype=cd, device=x.device).contiguous(memory_format=fmt)
-        for k, wn in ([] if K else _weights(weight, p, inst_ids, dt, noisy)):
-            samples = groups[k][1]
+        for k, wn in ([] if K else _weights(weight, plan, inst, dt, noisy)):
+            samples = groups[k]
             whole = _count(samples) == batch
             for (c0, c1), g_t in zip(tiles, g_tiles):
                 w_t = wn if len(tiles) == 1 else wn[:, c0:c1]
@@ -390,9 +363,8 @@ def _backward(geom: _Geom, grad_y, x, weight, p: OpParams, instance, out_mask, y
                 wshape = (weight.shape[0], c1 - c0) + tuple(weight.shape[2:])
                 grad_w[:, c0:c1] += geom.grad_weight(geom.x_slice(xq, c0, c1), wshape, g_t)
         if p.w_clip:
-            lo, hi = p.weight_range(weight)
             out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-            _C().ste_range(grad_w, weight.detach().contiguous(), out, lo, hi)
+            _C().ste_range(grad_w, weight.detach().contiguous(), out, plan.w_lo, plan.w_hi)
             grad_w = out
         else:
             grad_w = grad_w.to(weight.dtype)
@@ -413,35 +385,38 @@ def _add_tile(geom: _Geom, grad_x, contrib, c0, c1, samples):
 
 
 # ---- the four kernels (signatures of noisyops.reference) --------------------------------------
-def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, p: OpParams, instance):
+def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, p: OpParams, instance, plan=None):
     """Noisy conv2d forward on the CUDA path; as `noisyops.reference.conv2d_fwd`."""
-    return _forward(_conv_geom(weight, stride, padding, dilation, groups), x, weight, bias, p, instance)
+    plan = plan or conv2d_plan(x, weight, stride, padding, dilation, groups, p, instance)
+    return _forward(_conv_geom(weight, stride, padding, dilation, groups), plan, x, weight, bias)
 
 
 def conv2d_bwd(grad_y, x, weight, stride, padding, dilation, groups, p: OpParams, instance, out_mask,
-               y_stride, needs_input_grad=True, needs_weight_grad=True):
+               y_stride, needs_input_grad=True, needs_weight_grad=True, plan=None):
     """Straight-through backward on the CUDA path; as `noisyops.reference.conv2d_bwd`."""
-    return _backward(_conv_geom(weight, stride, padding, dilation, groups), grad_y, x, weight, p, instance,
+    plan = plan or conv2d_plan(x, weight, stride, padding, dilation, groups, p, instance)
+    return _backward(_conv_geom(weight, stride, padding, dilation, groups), plan, grad_y, x, weight,
                      out_mask, y_stride, needs_input_grad, needs_weight_grad)
 
 
-def linear_fwd(x, weight, bias, p: OpParams, instance):
+def linear_fwd(x, weight, bias, p: OpParams, instance, plan=None):
     """Noisy linear forward on the CUDA path; as `noisyops.reference.linear_fwd` (1-D x = one sample)."""
-    if x.dim() == 1:
-        out = _forward(_linear_geom(weight), x.unsqueeze(0), weight, bias, p, instance)
-        return out if out is NotImplemented else (out[0].squeeze(0), out[1])
-    return _forward(_linear_geom(weight), x, weight, bias, p, instance)
+    plan = plan or linear_plan(x, weight, p, instance)
+    if not plan.unbatched:
+        return _forward(_linear_geom(weight), plan, x, weight, bias)
+    out = _forward(_linear_geom(weight), plan, x.unsqueeze(0), weight, bias)
+    return out if out is NotImplemented else (out[0].squeeze(0), out[1])
 
 
 def linear_bwd(grad_y, x, weight, p: OpParams, instance, out_mask, y_stride, needs_input_grad=True,
-               needs_weight_grad=True):
+               needs_weight_grad=True, plan=None):
     """Straight-through backward of `linear_fwd`; as `noisyops.reference.linear_bwd`."""
-    if x.dim() == 1:
-        out = _backward(_linear_geom(weight), grad_y.unsqueeze(0), x.unsqueeze(0), weight, p, instance,
-                        out_mask, (grad_y.shape[0],) + tuple(y_stride), needs_input_grad, needs_weight_grad)
-        if out is NotImplemented:
-            return out
-        gx, gw = out
-        return (gx.squeeze(0) if gx is not None else None), gw
-    return _backward(_linear_geom(weight), grad_y, x, weight, p, instance, out_mask, y_stride,
-                     needs_input_grad, needs_weight_grad)
+    plan = plan or linear_plan(x, weight, p, instance)
+    if plan.unbatched:
+        grad_y, x = grad_y.unsqueeze(0), x.unsqueeze(0)
+    out = _backward(_linear_geom(weight), plan, grad_y, x, weight, out_mask,
+                    plan.batched_y_stride(y_stride), needs_input_grad, needs_weight_grad)
+    if out is NotImplemented or not plan.unbatched:
+        return out
+    gx, gw = out
+    return (gx.squeeze(0) if gx is not None else None), gw

@@ -1,14 +1,13 @@
 """Which GPU path runs a noisy op: the fused Triton kernels, or the ``cuda`` backend (CUDA weight
 pre-pass and quantizers around cuDNN / cuBLAS).
 
-`use_cuda_path` evaluates the roofline model of `noisyops.backends.gpu_cost` (the model behind
-docs/performance.md) for the call's shapes on the device's GPU class (compute capability 9.x ->
-H100 figures, else A100) and returns True when the CUDA path is predicted faster than the better
-of the two fused weight strategies. The Triton backend declines the call then, so dispatch runs
-the ``cuda`` backend and records it. Typical outcome: per_call convolutions with weight noise and
-no activation quantizers -> cuDNN (the pre-pass is tiny and cuDNN's conv is taken as faster than
-the Triton implicit GEMM, `gpu_cost.TRITON_CONV_EFFICIENCY`); activation quantizers, output noise,
-crossbar tiles, per_sample -> fused Triton (no extra passes over activations).
+`use_cuda_path` returns True unless the call's route (`noisyops.plan.route_of`) is ``fused``:
+crossbar tiles and per_sample weight noise run the fused Triton kernels, everything else runs the
+pre-pass + cuDNN / cuBLAS path with pointwise quantizers (docs/routing.md). These are the routes
+that are safe without a GPU measurement. `predicted_times` evaluates the roofline model of
+`noisyops.backends.gpu_cost` (docs/performance.md) for a call — a prediction, not used to route.
+The Triton backend declines the call when `use_cuda_path` says True, so dispatch runs the ``cuda``
+backend and records it.
 
 ``NOISYOPS_GPU_PATH=cuda|triton`` forces the answer (benchmarks, tests); ``auto`` or unset uses the
 model. Importing this module never touches CUDA.
@@ -21,7 +20,8 @@ from typing import Optional
 import torch
 
 from . import gpu_cost
-from ..params import PER_CALL, PER_INSTANCE, PER_SAMPLE, OpParams, tile_bounds
+from ..params import PER_CALL, PER_SAMPLE, OpParams, tile_bounds
+from ..plan import route_of
 
 KINDS = ("conv2d_fwd", "conv2d_bwd", "linear_fwd", "linear_bwd")
 
@@ -74,13 +74,25 @@ def _gpu_of(x: torch.Tensor) -> gpu_cost.GPU:
     return gpu_cost.gpu_for_arch(major)
 
 
+def n_tiles(kind: str, p: OpParams, weight: torch.Tensor) -> int:
+    """Crossbar tiles of a call (1 unless ADC / output noise with ``tile_rows``)."""
+    if not p.tiled:
+        return 1
+    kernel = weight.shape[2] * weight.shape[3] if kind.startswith("conv2d") else 1
+    return len(tile_bounds(weight.shape[1], kernel, p.tile_rows))
+
+
 def use_cuda_path(kind: str, p: OpParams, x: torch.Tensor, weight: torch.Tensor, *,
                   instances: Optional[int] = None, stride: int = 1) -> bool:
-    """True when the ``cuda`` backend should run this call instead of the fused Triton kernels.
+    """True when the ``cuda`` backend (pre-pass + cuDNN / cuBLAS) should run this call instead of
+    the fused Triton kernels: the call's route (`noisyops.plan.route_of`) is not ``fused``.
 
-    ``kind``: one of `KINDS`; ``x``/``weight``: the call's tensors (shapes and dtype only);
-    ``instances``: distinct per_instance chip ids if known (else the batch size is assumed).
-    False whenever the cuda backend cannot run the call (float64, extension or device missing).
+    The route is the one that is safe without a GPU measurement (docs/routing.md): the vendor
+    library runs every product it can; the fused kernel only runs crossbar tiles and per_sample
+    weight noise. The cost model (`gpu_cost`, docs/performance.md) is a prediction and is not
+    consulted. ``kind``: one of `KINDS`; ``x``/``weight``: the call's tensors (shapes and dtype
+    only); ``instances``/``stride`` are accepted for the model's callers and unused here. False
+    whenever the cuda backend cannot run the call (float64, extension or device missing).
     """
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
@@ -95,5 +107,4 @@ def use_cuda_path(kind: str, p: OpParams, x: torch.Tensor, weight: torch.Tensor,
         return False
     if forced in ("cuda", "triton"):
         return forced == "cuda"
-    t = predicted_times(kind, p, x, weight, _gpu_of(x), instances, stride)
-    return t["cuda"] < min(t["fused_prepass"], t["fused_regen"])
+    return route_of(p, n_tiles(kind, p, weight)) != "fused"

@@ -5,17 +5,22 @@ kernels on CPU tensors — a correctness tool, so dispatch only uses it there wh
 ``NOISYOPS_BACKEND=triton``). Float64 calls are declined (``NotImplemented``: the next backend runs).
 
 On CUDA tensors, if `noisyops.backends.gpu_policy.use_cuda_path(kind, p, x, weight)` exists and
-says True (cuDNN + the CUDA weight pre-pass is cheaper, e.g. per_call conv), the call is declined
-so the ``cuda`` backend runs it; dispatch records which backend ran. ``NOISYOPS_BACKEND=triton``
-bypasses the policy.
+says True (the call's route is not ``fused``: cuDNN + the CUDA weight pre-pass runs it, see
+docs/routing.md), the call is declined so the ``cuda`` backend runs it; dispatch records which
+backend ran. ``NOISYOPS_BACKEND=triton`` bypasses the policy. Clean calls never get here (dispatch
+runs `noisyops.clean` for them). The kernels build their own launch geometry from the arguments;
+the ``plan=`` dispatch passes is accepted at this interface.
 """
 from __future__ import annotations
 
 import importlib
 import os
 
+import torch
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = ("cuda", "cpu") if _INTERPRET else ("cuda",)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # = kernels.noisy_conv2d.SUPPORTED_DTYPES
 
 
 def available():
@@ -47,7 +52,7 @@ def _policy_declines(kind: str, p, x, weight) -> bool:
     return bool(fn(kind, p, x, weight)) if fn is not None else False
 
 
-def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, p, instance):
+def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, p, instance, plan=None):
     if _policy_declines("conv2d_fwd", p, x, weight):
         return NotImplemented
     from ..kernels import noisy_conv2d
@@ -55,7 +60,7 @@ def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, p, instance):
 
 
 def conv2d_bwd(grad_y, x, weight, stride, padding, dilation, groups, p, instance, out_mask, y_stride,
-               needs_input_grad=True, needs_weight_grad=True):
+               needs_input_grad=True, needs_weight_grad=True, plan=None):
     if _policy_declines("conv2d_bwd", p, x, weight):
         return NotImplemented
     from ..kernels import noisy_conv2d_backward
@@ -64,7 +69,7 @@ def conv2d_bwd(grad_y, x, weight, stride, padding, dilation, groups, p, instance
                                             needs_weight_grad)
 
 
-def linear_fwd(x, weight, bias, p, instance):
+def linear_fwd(x, weight, bias, p, instance, plan=None):
     if _policy_declines("linear_fwd", p, x, weight):
         return NotImplemented
     from ..kernels import noisy_linear
@@ -72,7 +77,7 @@ def linear_fwd(x, weight, bias, p, instance):
 
 
 def linear_bwd(grad_y, x, weight, p, instance, out_mask, y_stride, needs_input_grad=True,
-               needs_weight_grad=True):
+               needs_weight_grad=True, plan=None):
     if _policy_declines("linear_bwd", p, x, weight):
         return NotImplemented
     from ..kernels import noisy_linear

@@ -231,8 +231,11 @@ class NoisyModuleMixin:
         self._refresh()
 
     def reset_calls(self, value: int = 0) -> None:
-        """Set the call counter (default 0: the noise sequence starts over)."""
-        self.calls.fill_(int(value))
+        """Set the call counter (default 0: the noise sequence starts over); ``value`` in [0, 2^63),
+        checked here so the forward never reads the counter back."""
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < (1 << 63):
+            raise ValueError(f"reset_calls(value={value!r}): expected an int in [0, 2^63)")
+        self.calls.fill_(value)
 
     def effective_config(self) -> LayerConfig:
         """The config the op runs: noise zeroed when ``noise_enabled`` is False or during
@@ -289,7 +292,8 @@ class NoisyModuleMixin:
                 raise ValueError(f"{type(self).__name__}(layer_key={self.layer_key}): per_instance "
                                  f"sampling needs chip ids: set module.chip_ids (int64 [batch]) or "
                                  f"use noisyops.chips / noisyops.run_chips")
-            return _functional.instance_tensor(p, ids, batch, device)
+            # ids made by noisyops.chips (offset >= 0 checked there) need no value check
+            return _functional.instance_tensor(p, ids, batch, device, checked=self.chip_ids is None)
         # NOT `inst = calls.clone(); calls += 1`: inductor elides that clone and saves an alias of
         # the buffer for backward, which then regenerates the noise of the NEXT call (wrong input
         # gradients; tests/test_compile.py::test_inductor_saved_counter_is_not_the_buffer).
