@@ -39,6 +39,12 @@ def _check_tensor(name: str, t, ranks: Tuple[int, ...]):
         raise TypeError(f"{name}: expected dtype float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
+def _autocasting(input: Tensor) -> bool:
+    """Under torch.autocast the op casts its inputs to one dtype itself (`noisyops.ops`)."""
+    dev = input.device.type
+    return dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and input.dtype != torch.float64
+
+
 def _check_same(input: Tensor, others: dict):
     for name, t in others.items():
         if t is None:
@@ -46,7 +52,7 @@ def _check_same(input: Tensor, others: dict):
         if t.device != input.device:
             raise ValueError(f"{name} is on {t.device} but input is on {input.device}: "
                              f"expected all tensors on one device")
-        if t.dtype != input.dtype:
+        if t.dtype != input.dtype and not _autocasting(input):
             raise TypeError(f"{name} has dtype {t.dtype} but input has {input.dtype}: "
                             f"expected one dtype")
 

@@ -171,3 +171,38 @@ def _linear_backward(ctx, grad_y, _grad_mask):
 
 
 torch.library.register_autograd("noisyops::noisy_linear", _linear_backward, setup_context=_linear_setup_context)
+
+
+# ---- autocast ---------------------------------------------------------------------------------
+# Under torch.autocast the forward ops run their product in the autocast dtype (bf16 / fp16): the
+# floating inputs x, weight, bias are cast to it (float64 is left alone, as torch's own autocast
+# does), above autograd, so gradients reach fp32 parameters in fp32. Noise and quantizers then
+# run in the compute dtype the plan gives half inputs (float32, SPEC section 4); the output is in
+# the autocast dtype, as F.conv2d / F.linear under autocast. A clean call is therefore exactly
+# F.conv2d / F.linear under autocast. The backward ops run outside autocast (autograd's default),
+# on the already-cast saved tensors.
+AUTOCAST_DEVICES = ("cpu", "cuda")
+_autocast_lib = torch.library.Library("noisyops", "IMPL")
+
+
+def _autocast_kernel(op, device_type: str):
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def cast(a, dtype):
+        if (isinstance(a, Tensor) and a.is_floating_point() and a.dtype != torch.float64
+                and a.device.type == device_type):
+            return a.to(dtype)
+        return a
+
+    def kernel(_keyset, *args):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            return op(*(cast(a, dtype) for a in args))
+    return key, kernel
+
+
+for _name, _op in (("noisy_conv2d", noisy_conv2d_op), ("noisy_linear", noisy_linear_op)):
+    for _dev in AUTOCAST_DEVICES:
+        _key, _kernel = _autocast_kernel(_op._opoverload, _dev)
+        _autocast_lib.impl(_name, _kernel, _key, with_keyset=True)

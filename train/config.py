@@ -22,7 +22,7 @@ DEFAULTS: Dict[str, Any] = {
     "resume": False,             # continue from out_dir's checkpoints
     "ckpt_every": 100,           # steps between checkpoints (plus every epoch end)
     "progress": True,
-    "amp": True,                 # float16 autocast on CUDA
+    "amp": True,                 # autocast on CUDA: bfloat16 where supported, else float16
     "threads": 0,                # torch.set_num_threads (0 = leave torch's default)
     "data": {"name": "mnist", "root": None, "batch_size": 128, "eval_batch_size": 1000,
              "num_workers": 0, "train_limit": None, "test_limit": None, "pad": 0, "augment": None},

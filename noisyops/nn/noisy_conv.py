@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import LayerConfig
+from .. import functional as _functional
 from ..functional import conv2d_with_params
 from .base import NoisyModuleMixin
 
@@ -79,7 +80,7 @@ class NoisyConv2d(NoisyModuleMixin, nn.Conv2d):
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() not in (3, 4):
             raise ValueError(f"input: expected a 3-D or 4-D tensor, got shape {tuple(input.shape)}")
-        if input.dtype != self.weight.dtype:
+        if input.dtype != self.weight.dtype and not _functional._autocasting(input):
             raise TypeError(f"input has dtype {input.dtype} but weight has {self.weight.dtype}: "
                             f"expected one dtype")
         unbatched = input.dim() == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..config import LayerConfig
+from .. import functional as _functional
 from ..functional import linear_with_params
 from ..params import PER_CALL
 from .base import NoisyModuleMixin
@@ -58,7 +59,7 @@ class NoisyLinear(NoisyModuleMixin, nn.Linear):
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() < 1:
             raise ValueError(f"input: expected at least a 1-D tensor, got shape {tuple(input.shape)}")
-        if input.dtype != self.weight.dtype:
+        if input.dtype != self.weight.dtype and not _functional._autocasting(input):
             raise TypeError(f"input has dtype {input.dtype} but weight has {self.weight.dtype}: "
                             f"expected one dtype")
         p = self._op_params()
