@@ -248,7 +248,7 @@ def main(argv=None):
     # repeated evaluation on K chips
     if not args.skip_chips:
         K = args.chips
-        from noisyops.backends.cpu_cache import CACHE
+        from noisyops.chip_store import STORE as CACHE  # the modules' chip weights
         CACHE.clear()
 
         def chips_noisy():

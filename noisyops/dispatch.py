@@ -109,7 +109,7 @@ def run(kernel: str, plan, device_type: str, *args, **kwargs):
     from . import clean
     forced = forced_backend()
     tried = []
-    for name in candidates(device_type):
+    for name in ([forced] if forced is not None else PREFERENCE.get(device_type, ("reference",))):
         be = _REGISTRY[name]
         ok, reason = be.status()
         if not ok:
@@ -132,10 +132,11 @@ def run(kernel: str, plan, device_type: str, *args, **kwargs):
         _counts[(kernel, name)] += 1
         _route_counts[(kernel, plan.route)] += 1
         _last[kernel] = name
-        if tried:
-            log.debug("%s on %s ran %s after: %s", kernel, device_type, name, "; ".join(tried))
-        else:
-            log.debug("%s on %s ran %s", kernel, device_type, name)
+        if log.isEnabledFor(logging.DEBUG):
+            if tried:
+                log.debug("%s on %s ran %s after: %s", kernel, device_type, name, "; ".join(tried))
+            else:
+                log.debug("%s on %s ran %s", kernel, device_type, name)
         return out
     what = f"NOISYOPS_BACKEND={forced}" if forced else f"device {device_type}"
     raise RuntimeError(f"noisyops: no backend could run {kernel} for {what}: " + "; ".join(tried))

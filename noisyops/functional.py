@@ -203,10 +203,13 @@ def noisy_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
 
 
 def conv2d_with_params(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
-                       groups: int, p: OpParams, instance: Tensor) -> Tensor:
-    """The op with already-checked arguments and resolved `OpParams` (modules call this)."""
+                       groups: int, p: OpParams, instance: Tensor, *,
+                       chip_weights: Optional[Tensor] = None) -> Tensor:
+    """The op with already-checked arguments and resolved `OpParams` (modules call this).
+    ``chip_weights``: the caller's noisy weights of its per_instance chips (`noisyops.ops`)."""
     fparams, iparams = p.to_op_args()
-    y, _ = ops.noisy_conv2d_op(x, weight, bias, stride, padding, dilation, groups, fparams, iparams, instance)
+    y, _ = ops.noisy_conv2d_op(x, weight, bias, stride, padding, dilation, groups, fparams, iparams,
+                               instance, chip_weights)
     return y
 
 
@@ -242,8 +245,9 @@ def noisy_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
 
 
 def linear_with_params(x: Tensor, weight: Tensor, bias: Optional[Tensor], p: OpParams,
-                       instance: Tensor) -> Tensor:
-    """The op with already-checked arguments and resolved `OpParams` (modules call this)."""
+                       instance: Tensor, *, chip_weights: Optional[Tensor] = None) -> Tensor:
+    """The op with already-checked arguments and resolved `OpParams` (modules call this).
+    ``chip_weights``: the caller's noisy weights of its per_instance chips (`noisyops.ops`)."""
     fparams, iparams = p.to_op_args()
-    y, _ = ops.noisy_linear_op(x, weight, bias, fparams, iparams, instance)
+    y, _ = ops.noisy_linear_op(x, weight, bias, fparams, iparams, instance, chip_weights)
     return y

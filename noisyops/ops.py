@@ -13,6 +13,11 @@ int64 tensor: 0-d (the call counter, for ``per_call``/``per_sample``) or ``[N]``
 a ``torch.compile``d graph. ``out_mask`` is the bit-packed straight-through mask of the output
 quantizer (`noisyops.reference.pack_mask`), empty when the quantizer is off.
 
+``chip_weights`` (optional, forward ops only): ``[K, *weight.shape]`` noisy weights of the K
+distinct per_instance chip ids in first-seen order, exactly as the op would generate them, made
+and owned by the caller (`noisyops.chip_store`: the modules inside `noisyops.chips`). A backend may
+use them instead of generating (the ``cpu`` backend does) or ignore them; the op keeps no cache.
+
 The implementation of every op is `noisyops.dispatch.run`, which picks a backend (the pure-torch
 reference serves every device; compiled backends are preferred where available). The backward op
 regenerates the noise from ``(seed, layer_key, instance)``: nothing random is saved.
@@ -42,16 +47,16 @@ def _dense(t: Tensor, fmt: torch.memory_format) -> Tensor:
 @torch.library.custom_op("noisyops::noisy_conv2d", mutates_args=())
 def noisy_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
                     padding: Sequence[int], dilation: Sequence[int], groups: int,
-                    fparams: Sequence[float], iparams: Sequence[int], instance: Tensor
-                    ) -> Tuple[Tensor, Tensor]:
+                    fparams: Sequence[float], iparams: Sequence[int], instance: Tensor,
+                    chip_weights: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     p = OpParams.from_op_args(fparams, iparams)
-    plan = conv2d_plan(x, weight, stride, padding, dilation, groups, p, instance)
+    plan = conv2d_plan(x, weight, stride, padding, dilation, groups, p, instance, chip_weights=chip_weights)
     return dispatch.run("conv2d_fwd", plan, x.device.type, x, weight, bias, list(stride), list(padding),
                         list(dilation), groups, p, instance)
 
 
 @noisy_conv2d_op.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, fparams, iparams, instance):
+def _(x, weight, bias, stride, padding, dilation, groups, fparams, iparams, instance, chip_weights=None):
     plan = conv2d_plan(x, weight, stride, padding, dilation, groups,
                        OpParams.from_op_args(fparams, iparams), instance, measure=False)
     y = x.new_empty(plan.out_shape).contiguous(memory_format=plan.memory_format)
@@ -80,7 +85,7 @@ def _(grad_y, x, weight, stride, padding, dilation, groups, fparams, iparams, in
 
 
 def _conv_setup_context(ctx, inputs, output):
-    x, weight, bias, stride, padding, dilation, groups, fparams, iparams, instance = inputs
+    x, weight, bias, stride, padding, dilation, groups, fparams, iparams, instance, _chip_weights = inputs
     y, out_mask = output
     ctx.save_for_backward(x, weight, instance, out_mask)
     ctx.conv = (list(stride), list(padding), list(dilation), groups)
@@ -105,7 +110,7 @@ def _conv_backward(ctx, grad_y, _grad_mask):
     if ctx.has_bias and need_b:  # as F.conv2d's autograd computes it (bit for bit)
         gb = torch.ops.aten.convolution_backward(grad_y, x, weight, [weight.shape[0]], stride, padding,
                                                  dilation, False, [0, 0], groups, [False, False, True])[2]
-    return gx, gw, gb, None, None, None, None, None, None, None
+    return gx, gw, gb, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("noisyops::noisy_conv2d", _conv_backward, setup_context=_conv_setup_context)
@@ -114,14 +119,15 @@ torch.library.register_autograd("noisyops::noisy_conv2d", _conv_backward, setup_
 # ---- linear -----------------------------------------------------------------------------------
 @torch.library.custom_op("noisyops::noisy_linear", mutates_args=())
 def noisy_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], fparams: Sequence[float],
-                    iparams: Sequence[int], instance: Tensor) -> Tuple[Tensor, Tensor]:
+                    iparams: Sequence[int], instance: Tensor,
+                    chip_weights: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     p = OpParams.from_op_args(fparams, iparams)
-    return dispatch.run("linear_fwd", linear_plan(x, weight, p, instance), x.device.type, x, weight,
-                        bias, p, instance)
+    return dispatch.run("linear_fwd", linear_plan(x, weight, p, instance, chip_weights=chip_weights),
+                        x.device.type, x, weight, bias, p, instance)
 
 
 @noisy_linear_op.register_fake
-def _(x, weight, bias, fparams, iparams, instance):
+def _(x, weight, bias, fparams, iparams, instance, chip_weights=None):
     plan = linear_plan(x, weight, OpParams.from_op_args(fparams, iparams), instance, measure=False)
     y = x.new_empty(plan.out_shape)
     return y, _mask_like(y, plan.mask_shape)
@@ -147,7 +153,7 @@ def _(grad_y, x, weight, fparams, iparams, instance, out_mask, y_stride, needs_i
 
 
 def _linear_setup_context(ctx, inputs, output):
-    x, weight, bias, fparams, iparams, instance = inputs
+    x, weight, bias, fparams, iparams, instance, _chip_weights = inputs
     y, out_mask = output
     ctx.save_for_backward(x, weight, instance, out_mask)
     ctx.params = (list(fparams), list(iparams))
@@ -167,7 +173,7 @@ def _linear_backward(ctx, grad_y, _grad_mask):
         gw = gw if need_w else None
     if ctx.has_bias and need_b:
         gb = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
-    return gx, gw, gb, None, None, None
+    return gx, gw, gb, None, None, None, None
 
 
 torch.library.register_autograd("noisyops::noisy_linear", _linear_backward, setup_context=_linear_setup_context)

@@ -12,6 +12,7 @@ ops), else ``(w_lo, w_hi)`` is fixed; ``w_clip`` says whether the weights are cl
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import List, Tuple
 
 import torch
@@ -60,6 +61,11 @@ class OpParams:
 
     @staticmethod
     def from_op_args(fparams, iparams) -> "OpParams":
+        """The `OpParams` of the flat lists (memoised: a model has a few distinct layer params)."""
+        return _from_op_args(tuple(fparams), tuple(iparams))
+
+    @staticmethod
+    def _build(fparams, iparams) -> "OpParams":
         if len(fparams) != len(_FLOAT_FIELDS) or len(iparams) != len(_INT_FIELDS):
             raise ValueError(f"fparams/iparams: expected {len(_FLOAT_FIELDS)} floats and "
                              f"{len(_INT_FIELDS)} ints, got {len(fparams)} and {len(iparams)}")
@@ -98,6 +104,11 @@ class OpParams:
 
     def num_tiles(self, in_channels_per_group: int, kernel_numel: int) -> int:
         return len(tile_bounds(in_channels_per_group, kernel_numel, self.tile_rows))
+
+
+@functools.lru_cache(maxsize=4096)
+def _from_op_args(fparams: tuple, iparams: tuple) -> OpParams:
+    return OpParams._build(fparams, iparams)
 
 
 def sample_instance_ids(p: OpParams, batch: int, instance: torch.Tensor) -> List[int]:

@@ -21,6 +21,7 @@ Small API::
     plan.sample_ids()     int64 [N] on x's device: the noise instance of every sample (no host read)
     plan.prepass_ids()    int64 [K] on x's device: the distinct instances whose noisy weights a
                           pre-pass writes (per_call: 1, per_sample: N); per_instance: see below
+    plan.chip_weights     [K, *W] noisy weights of the distinct chip ids made by their owner, or None
     plan.host_groups()    [(instance id, samples)] on the host: CPU tensors only (a load, not a sync),
                           or per_instance chip ids on a GPU, where grouping needs the distinct ids
                           (the one read the GPU hot path keeps; run_chips / chips make ids whose
@@ -116,6 +117,8 @@ class CallPlan:
     dilation: Tuple[int, int] = (1, 1)
     groups: int = 1
     unbatched: bool = False            # linear with a 1-D input (one sample)
+    chip_weights: Optional[torch.Tensor] = None  # [K, *W]: the caller's noisy weights of the K
+    # distinct per_instance ids in first-seen order (`noisyops.chip_store`), or None
 
     # ---- derived ---------------------------------------------------------------------------
     @property
@@ -218,6 +221,13 @@ def _mask_shape(p: OpParams, n_tiles: int, out_numel: int) -> Tuple[int, ...]:
     return (n_tiles, (out_numel + 31) // 32) if p.out_bits else (0,)
 
 
+def _chips(p: OpParams, chip_weights: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Chip weights only mean something for per_instance weight noise."""
+    if chip_weights is None or p.sampling != PER_INSTANCE or not p.has_weight_noise:
+        return None
+    return chip_weights
+
+
 def _numel(shape) -> int:
     n = 1
     for s in shape:
@@ -227,7 +237,7 @@ def _numel(shape) -> int:
 
 def conv2d_plan(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
                 dilation: Sequence[int], groups: int, p: OpParams, instance: torch.Tensor,
-                measure: bool = True) -> CallPlan:
+                measure: bool = True, chip_weights: Optional[torch.Tensor] = None) -> CallPlan:
     """The plan of a conv call: ``x [N, C_in, H, W]``, ``weight [C_out, C_in/groups, kh, kw]``.
     ``measure=False`` (fake tensors) leaves the measured weight range out."""
     n, _, h, w = x.shape
@@ -243,11 +253,11 @@ def conv2d_plan(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], pa
                     mask_shape=_mask_shape(p, len(tiles), _numel(out_shape)), in_per_group=cin_g,
                     kernel_numel=kh * kw, instance=instance, w_lo=lo, w_hi=hi, sigma=sigma,
                     stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation),
-                    groups=groups)
+                    groups=groups, chip_weights=_chips(p, chip_weights))
 
 
 def linear_plan(x: torch.Tensor, weight: torch.Tensor, p: OpParams, instance: torch.Tensor,
-                measure: bool = True) -> CallPlan:
+                measure: bool = True, chip_weights: Optional[torch.Tensor] = None) -> CallPlan:
     """The plan of a linear call: ``x [*, in]`` (a 1-D ``x`` is one sample), ``weight [out, in]``."""
     out_shape = tuple(x.shape[:-1]) + (weight.shape[0],)
     tiles = _tiles(p, weight.shape[1], 1)
@@ -258,4 +268,4 @@ def linear_plan(x: torch.Tensor, weight: torch.Tensor, p: OpParams, instance: to
                     product_dtype=x.dtype, tiles=tiles,
                     mask_shape=_mask_shape(p, len(tiles), _numel(out_shape)),
                     in_per_group=weight.shape[1], kernel_numel=1, instance=instance, w_lo=lo, w_hi=hi,
-                    sigma=sigma, unbatched=x.dim() == 1)
+                    sigma=sigma, unbatched=x.dim() == 1, chip_weights=_chips(p, chip_weights))

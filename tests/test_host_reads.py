@@ -90,20 +90,14 @@ def _forward_backward(cfg: LayerConfig):
     return rec
 
 
-FINGERPRINT = pytest.mark.xfail(strict=True, reason="the cpu backend's op-level chip cache "
-                                "fingerprints the weights (float(sum)) on every per_instance call")
-
-
-@pytest.mark.parametrize("name", [n if n != "per_instance" else pytest.param(n, marks=FINGERPRINT)
-                                  for n in sorted(CONFIGS)])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_cpu_backend_reads_nothing_but_host_ids(backend_env, name):
     backend_env("cpu")
     rec = _forward_backward(CONFIGS[name])
     assert not rec.violations(), rec.violations()
 
 
-@pytest.mark.parametrize("name", [n if n != "per_instance" else pytest.param(n, marks=FINGERPRINT)
-                                  for n in sorted(CONFIGS)])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_functional_int_counter_reads_nothing(backend_env, name):
     """The functional op validates an int counter before it is a tensor (no int(tensor))."""
     backend_env("cpu")

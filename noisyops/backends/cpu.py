@@ -15,9 +15,10 @@ Same four kernels and signatures as `noisyops.reference` (the oracle they are te
 Sampling (SPEC section 2): ``per_call`` makes one ``Wn``. ``per_sample`` makes one per sample, in
 chunks of at most ``NOISYOPS_CPU_CHUNK_MB`` (default 256) megabytes of weights, each chunk running
 as one grouped conv (batched matmul for linear). ``per_instance`` groups the samples by chip id,
-runs the chips as one grouped conv / batched matmul, and caches each chip set's noisy weights
-(`noisyops.backends.cpu_cache`, budget ``NOISYOPS_CHIP_CACHE_MB``, default 512), so repeated
-evaluation generates each chip's weights once.
+runs the chips as one grouped conv / batched matmul, and takes the chips' noisy weights from the
+op's ``chip_weights`` input when its owner made them (`noisyops.chip_store`: modules inside
+`noisyops.chips`, budget ``NOISYOPS_CHIP_CACHE_MB``), so repeated evaluation generates each chip's
+weights once; the backend itself keeps no cache.
 
 Backward (straight-through): the noisy weights are regenerated (never stored), the input
 quantizer's mask is applied in place from the saved x (no mask tensor), the output mask is read
@@ -38,7 +39,6 @@ import torch.nn.functional as F
 from .. import _ext, reference, stream
 from ..params import PER_CALL, PER_INSTANCE, OpParams
 from ..plan import CallPlan, conv2d_plan, linear_plan
-from .cpu_cache import CACHE
 
 DEVICES = ("cpu",)
 # K chips with equal sample counts run as one grouped conv / batched matmul (False: one product per
@@ -118,20 +118,20 @@ def _place(out, part, rng, order, batch: int):
 class _Weights:
     """Clip/quantize/noise parameters of one call, and the generator of ``Wn`` for instance ids."""
 
-    def __init__(self, weight: torch.Tensor, plan: CallPlan, out_dtype: torch.dtype, noise: bool = True):
-        p = plan.p
-        self.weight, self.p, self.cd, self.out_dtype = weight, p, plan.compute_dtype, out_dtype
-        self.lo, self.hi = (plan.w_lo, plan.w_hi) if plan.w_lo is not None else (0.0, 0.0)
-        self.sigma = plan.sigma
+    def __init__(self, weight: torch.Tensor, p: OpParams, cd: torch.dtype, out_dtype: torch.dtype,
+                 lo: float, hi: float, sigma: float, noise: bool = True, chip_weights=None):
+        self.weight, self.p, self.cd, self.out_dtype = weight, p, cd, out_dtype
+        self.lo, self.hi, self.sigma = lo, hi, sigma
         self.noise = noise and p.has_weight_noise
+        self.chip_weights = chip_weights if self.noise else None
         self.transform = self.noise or bool(p.w_clip)
         self._wc = None
 
-    def key(self) -> tuple:
-        """What ``Wn`` depends on besides the weight values and the instance ids."""
-        p = self.p
-        return (self.lo, self.hi, self.sigma, p.eta_mul if self.noise else 0.0, p.w_clip, p.w_bits,
-                p.seed, p.layer_key, self.noise, self.out_dtype)
+    @classmethod
+    def of(cls, weight: torch.Tensor, plan: CallPlan, out_dtype: torch.dtype, noise: bool = True):
+        lo, hi = (plan.w_lo, plan.w_hi) if plan.w_lo is not None else (0.0, 0.0)
+        return cls(weight, plan.p, plan.compute_dtype, out_dtype, lo, hi, plan.sigma, noise,
+                   plan.chip_weights)
 
     def source(self) -> torch.Tensor:
         if self._wc is None:
@@ -159,17 +159,13 @@ class _Weights:
                                 p.seed, p.layer_key)
         return out if self.out_dtype == self.cd else out.to(self.out_dtype)
 
-    def per_instance(self, ids: Sequence[int]) -> torch.Tensor:
-        """`make` through the chip cache (per_instance: a chip set's weights are reused)."""
-        if not self.noise:
-            return self.make(ids)
-        key = ("chips", self.key(), tuple(ids))
-        hit = CACHE.get(self.weight, key)
-        if hit is not None:
-            return hit
-        wn = self.make(ids)
-        CACHE.put(self.weight, key, wn)
-        return wn
+    def per_instance(self, ids: Sequence[int], start: int) -> torch.Tensor:
+        """`make` for the chips ``ids``, the distinct ids ``start .. start + len(ids)`` of the call
+        in first-seen order: a view of the owner's ``chip_weights`` when it gave them."""
+        cw = self.chip_weights
+        if cw is not None and cw.dtype == self.out_dtype and start + len(ids) <= cw.shape[0]:
+            return cw[start:start + len(ids)]
+        return self.make(ids)
 
 
 # ---- the layer geometry -----------------------------------------------------------------------
@@ -333,8 +329,10 @@ def _products(layer, xq, wsrc: _Weights, bias, p, ids, tile, out_dtype):
         return layer.fwd(xt, layer.w_tile(wn, c0, c1), bias)
     wbytes = torch.Size(layer.wshape).numel() * torch.empty(0, dtype=wsrc.cd).element_size()
     y = None
+    start = 0
     for ks, order, n in _chunks(p, ids, wbytes):
-        wn = wsrc.per_instance(ks) if p.sampling == PER_INSTANCE else wsrc.make(ks)
+        wn = wsrc.per_instance(ks, start) if p.sampling == PER_INSTANCE else wsrc.make(ks)
+        start += len(ks)
         rng = _is_range(order, batch)
         xs = xt[rng[0]:rng[1]] if rng else xt.index_select(0, _index(order))
         if n is not None and (GROUPED_CHIPS or len(ks) == 1):
@@ -361,7 +359,7 @@ def _forward(layer, plan: CallPlan, x, weight, bias):
     cd, fmt = plan.compute_dtype, plan.memory_format
     batch = x.shape[0]
     xq = _quantize_ws("fwd_xq", _dense(x, fmt), p.in_lo, p.in_hi, p.in_bits) if p.in_bits else x
-    wsrc = _Weights(weight, plan, x.dtype)
+    wsrc = _Weights.of(weight, plan, x.dtype)
     ids = plan.host_ids()  # CPU tensors: a memory load, not a device sync
     tiles = plan.tiles
     if not p.tiled:
@@ -435,7 +433,7 @@ def _backward(layer, plan: CallPlan, grad_y, x, weight, out_mask, y_stride, need
     else:
         g_tiles = [g] * len(tiles)
     xq = _quantize_ws("bwd_xq", xc, p.in_lo, p.in_hi, p.in_bits) if p.in_bits and need_w else xc
-    wsrc = _Weights(weight, plan, cd, noise=not p.clean_grad_input)
+    wsrc = _Weights.of(weight, plan, cd, noise=not p.clean_grad_input)
     grad_x = grad_w = None
     single = len(tiles) == 1
     ids = plan.host_ids()  # CPU tensors: a memory load, not a device sync
@@ -483,8 +481,10 @@ def _grad_input_grouped(layer, g, xt, wsrc: _Weights, p, ids, tile):
     batch = xt.shape[0]
     wbytes = torch.Size(layer.wshape).numel() * torch.empty(0, dtype=wsrc.cd).element_size()
     out = None
+    start = 0
     for ks, order, n in _chunks(p, ids, wbytes):
-        wn = wsrc.per_instance(ks) if p.sampling == PER_INSTANCE else wsrc.make(ks)
+        wn = wsrc.per_instance(ks, start) if p.sampling == PER_INSTANCE else wsrc.make(ks)
+        start += len(ks)
         rng = _is_range(order, batch)
         xs = xt[rng[0]:rng[1]] if rng else xt.index_select(0, _index(order))
         gs = g[rng[0]:rng[1]] if rng else g.index_select(0, _index(order))
@@ -502,6 +502,16 @@ def _grad_input_grouped(layer, g, xt, wsrc: _Weights, p, ids, tile):
             return part
         out = _place(out, part, rng, order, batch)
     return out
+
+
+# ---- the chip-weight primitive ------------------------------------------------------------------
+def noisy_weights(weight: torch.Tensor, p: OpParams, ids: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """``[len(ids), *weight.shape]`` noisy weights of the instance ids in ``dtype``, exactly as the
+    forward generates them (``Wn = Q_w(clip(W))·(1 + eta_mul·ε') + σ·ε``, RNG contract of
+    `noisyops.stream`); what chip owners (`noisyops.chip_store`) pass back as ``chip_weights``."""
+    lo, hi = p.weight_range(weight) if (p.has_weight_noise or p.w_clip) else (0.0, 0.0)
+    cd = torch.float64 if dtype == torch.float64 else torch.float32
+    return _Weights(weight, p, cd, dtype, lo, hi, p.sigma(lo, hi)).make(list(ids))
 
 
 # ---- the four kernels ---------------------------------------------------------------------------

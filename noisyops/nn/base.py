@@ -301,6 +301,32 @@ class NoisyModuleMixin:
         self.calls.copy_(advanced)
         return advanced - 1
 
+    def _chip_weights(self, p: OpParams, weight: Tensor, x: Tensor) -> Optional[Tensor]:
+        """Inside `noisyops.chips` on the CPU: the ``[k, *W]`` noisy weights of this layer's chips
+        ``offset .. offset + k − 1`` (the ids `chips` makes, first-seen order), kept in
+        `noisyops.chip_store.STORE` under this module while its weights stay in one state
+        (``_version``, storage; no value is read), for the op's ``chip_weights`` input. None when
+        the ``cpu`` backend will not run the call, under torch.compile, or when the store is off."""
+        if (self._chips is None or self.chip_ids is not None or p.sampling != PER_INSTANCE
+                or not p.has_weight_noise or x.device.type != "cpu" or torch.compiler.is_compiling()):
+            return None
+        from .. import chip_store, dispatch
+        if dispatch.forced_backend() not in (None, "cpu") or not dispatch.backend("cpu").status()[0]:
+            return None
+        if chip_store.budget_bytes() == 0:
+            return None
+        dtype = torch.get_autocast_dtype("cpu") if _functional._autocasting(x) else x.dtype
+        k, offset = self._chips
+        key = (p, k, offset, dtype)
+        state = chip_store.weight_state(weight)
+        wn = chip_store.STORE.get(self, key, state)
+        if wn is None:
+            from ..backends import cpu
+            wn = cpu.noisy_weights(weight.detach().to(dtype), p, range(offset, offset + k), dtype)
+            chip_store.STORE.put(self, key, state, wn,
+                                 current=lambda m: chip_store.weight_state(m._noisy_weight()))
+        return wn
+
     # ---- state_dict ----------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -93,7 +93,7 @@ class NoisyConv2d(NoisyModuleMixin, nn.Conv2d):
         stride, dilation = list(self.stride), list(self.dilation)
         if self._observer is None:
             y = conv2d_with_params(x, self.weight, self.bias, stride, padding, dilation, self.groups,
-                                   p, inst)
+                                   p, inst, chip_weights=self._chip_weights(p, self.weight, x))
         else:  # calibration: observe the pre-bias product (what the ADC sees)
             y = conv2d_with_params(x, self.weight, None, stride, padding, dilation, self.groups, p, inst)
             self._observer(self, x, y)

@@ -72,7 +72,8 @@ class NoisyLinear(NoisyModuleMixin, nn.Linear):
 
     def _linear(self, x: Tensor, weight: Tensor, bias, p, inst) -> Tensor:
         if self._observer is None:
-            return linear_with_params(x, weight, bias, p, inst)
+            return linear_with_params(x, weight, bias, p, inst,
+                                      chip_weights=self._chip_weights(p, weight, x))
         y = linear_with_params(x, weight, None, p, inst)  # calibration: pre-bias product
         self._observer(self, x, y)
         return y if bias is None else y + bias
