@@ -1,10 +1,10 @@
-"""Write docs/performance.md: the roofline model of noisy ResNet-50 on A100 and H100.
+"""Write docs/performance.md: the roofline model of noisy ResNet-50 on A100, H100 and H200.
 
     python benchmarks/perf_model.py [--out docs/performance.md] [--batch 256] [--chips 8]
                                     [--per-chip 32] [--check]
 
 Layer shapes come from torchvision's resnet50 (forward hooks on a meta-device model at 224×224);
-costs from `noisyops.backends.gpu_cost` (the model `gpu_policy` also uses). ``--check`` exits
+costs from `noisyops.backends.gpu_cost` (the one GPU cost model; routing does not use it). ``--check`` exits
 non-zero when the best path misses the target (noisy within 10% of clean) on either GPU.
 Optionally (nvcc + cuobjdump present) the SASS of the pre-pass kernel in the built
 `noisyops._C_cuda` is counted by instruction class as a cross-check of the Philox cost.
@@ -97,6 +97,76 @@ def fmt_t(s):
     return f"{s * 1e3:.3f}"
 
 
+ROUTE_CFGS = {
+    "η = 0.04, per_call": dict(weight_noise=1, in_bits=False, out_bits=False),
+    "η + 8-bit DAC + 8-bit ADC, per_call": dict(weight_noise=1, in_bits=True, out_bits=True),
+    "η + DAC + ADC, tiles of 128 rows": dict(weight_noise=1, in_bits=True, out_bits=True, tiles=None),
+    "η, per_sample": dict(weight_noise=1, in_bits=False, out_bits=False, per_sample=True),
+}
+
+
+def _tiles(layer, rows=128):
+    kernel = layer.kh * layer.kw
+    per = max(1, rows // kernel)
+    cin_g = layer.Cin // layer.groups
+    return -(-cin_g // per)
+
+
+def _route_noise(layer, spec: dict, instances: int, batch: int) -> "gc.Noise":
+    spec = dict(spec)
+    tiles = _tiles(layer) if spec.pop("tiles", 1) is None else 1
+    per_sample = spec.get("per_sample", False)
+    return gc.Noise(**spec, tiles=tiles, instances=batch if per_sample else instances)
+
+
+def route_section(w, train_layers, eval_layers, train_cfgs, eval_cfgs, args):
+    """The routes the call plan picks (docs/routing.md), priced per ResNet-50 layer: bytes and
+    FLOPs of the kernels that actually run, and the predicted noisy/clean time."""
+    w("## What the plan runs, priced (prediction)")
+    w("")
+    w("Each configuration runs the route `noisyops.plan.route_of` gives it (docs/routing.md): "
+      "*prepass* = weight pre-pass + cuDNN + pointwise quantizer kernels (the `cuda` backend), "
+      "*fused* = the fused Triton kernels (cheaper of pre-pass / regenerate per layer). Totals over "
+      "every conv/linear of ResNet-50 at 224×224: GFLOP of the products, GB moved by all kernels, "
+      "normals drawn, and the predicted noisy/clean time on each GPU. **These are predictions of the "
+      "roofline model in `noisyops/backends/gpu_cost.py`; nothing here ran on a GPU.** The fused "
+      f"route's numbers assume the Triton conv at {gc.TRITON_CONV_EFFICIENCY:.0%} of cuDNN, an "
+      "unmeasured assumption (a first-principles reading of the shipped 32-row tiles suggests far "
+      "less): the policy does not route on it.")
+    w("")
+    w("| workload | configuration | route | GFLOP | GB clean | GB route | M normals | " +
+      " | ".join(f"{g.name.split()[0]} ×" for g in gc.GPUS) + " |")
+    w("| --- | --- | --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in gc.GPUS) + " |")
+    for label, layers, train, inst, batch in (
+            (f"training, batch {args.batch}", train_layers, True, 1, args.batch),
+            (f"evaluation, {args.chips} chips × {args.per_chip}", eval_layers, False, args.chips,
+             args.chips * args.per_chip)):
+        for cname, spec in ROUTE_CFGS.items():
+            if label.startswith("evaluation") and "per_call" in cname:
+                cname = cname.replace("per_call", "per_instance")
+            noises = [_route_noise(l, spec, inst, batch) for l in layers]
+            routes = {n.route for n in noises}
+            flops = sum(gc.traffic(l, n, "clean", train)["flops"] for l, n in zip(layers, noises))
+            clean_b = sum(gc.traffic(l, n, "clean", train)["bytes"] for l, n in zip(layers, noises))
+            g0 = gc.GPUS[0]
+            route_b = sum(gc.traffic(l, n, gc.route_strategy(l, n, train, g0), train)["bytes"]
+                          for l, n in zip(layers, noises))
+            normals = sum(gc.traffic(l, n, gc.route_strategy(l, n, train, g0), train)["normals"]
+                          for l, n in zip(layers, noises))
+            cells = []
+            for g in gc.GPUS:
+                clean = sum(gc.layer_time(l, n, "clean", train, g) for l, n in zip(layers, noises))
+                noisy = sum(gc.route_time(l, n, train, g) for l, n in zip(layers, noises))
+                cells.append(f"{noisy / clean:.2f}")
+            w(f"| {label} | {cname} | {'/'.join(sorted(routes))} | {flops / 1e9:.0f} | {clean_b / 1e9:.2f} | "
+              f"{route_b / 1e9:.2f} | {normals / 1e6:.1f} | " + " | ".join(cells) + " |")
+    w("")
+    w(f"Row tiles of the fused kernels are read from `noisyops/kernels/configs.py` "
+      f"(BM = {gc.ROW_TILES}); the GPU figures are in the table below. Per-layer bytes and FLOPs of "
+      "each strategy follow in the sections after it.")
+    w("")
+
+
 def write(args):
     train_layers = resnet50_layers(args.batch)
     eval_batch = args.chips * args.per_chip
@@ -111,22 +181,24 @@ def write(args):
 
     L = []
     w = L.append
-    w("# Performance model: noisy ResNet-50 on A100 and H100")
+    w("# Performance model: noisy ResNet-50 on A100, H100 and H200 (a prediction)")
     w("")
     w("Generated by `python benchmarks/perf_model.py` from the real torchvision ResNet-50 layer shapes "
-      "(224×224) and the roofline model in `noisyops/backends/gpu_cost.py`, which "
-      "`noisyops/backends/gpu_policy.py` also uses to choose between the CUDA path and the fused Triton "
-      "kernels. Do not edit by hand. No GPU was used: these are predictions, to be checked against "
+      "(224×224) and the roofline model in `noisyops/backends/gpu_cost.py` (the one GPU cost model; "
+      "routing does not use it: `noisyops.plan.route_of` routes by the layer's options, docs/routing.md). "
+      "Do not edit by hand. No GPU was used: every number here is a prediction, to be checked against "
       "`benchmarks/bench_gpu.py` on real hardware.")
     w("")
     w(f"**Target:** noisy training (per_call, batch {args.batch}) and {args.chips}-chip repeated evaluation "
       f"(per_instance, {args.chips} chips × {args.per_chip} images) of ResNet-50 within 10% of clean "
       f"(noisy/clean time ≤ {TARGET:.2f}).")
     w("")
-    w("**Verdict (this model):** noisy/clean time ratio of the whole model with the best path per layer "
-      "(the policy's choice), at the assumed Triton conv efficiency:")
+    route_section(w, train_layers, eval_layers, train_cfgs, eval_cfgs, args)
+    w("**What-if (this model):** noisy/clean time ratio of the whole model with the best path per layer "
+      "(the cheapest strategy of the model per layer, not what the plan runs — see the routes above), "
+      "at the assumed Triton conv efficiency:")
     w("")
-    w("| workload | configuration | " + " | ".join(g.arch for g in gc.GPUS) + " |")
+    w("| workload | configuration | " + " | ".join(g.name.split()[0] for g in gc.GPUS) + " |")
     w("| --- | --- | " + " | ".join("---:" for _ in gc.GPUS) + " |")
     chip_major = {k: gc.Noise(**{**v.__dict__, "interleaved": False}) for k, v in eval_cfgs.items()}
     for label, layers, cfgs, train in ((f"training, batch {args.batch}", train_layers, train_cfgs, True),
@@ -155,7 +227,7 @@ def write(args):
                 if best / clean > TARGET:
                     break
                 req = pct
-            need.append(f"{label} on {g.arch}: " + (f"≥ {req}%" if req else "not reachable"))
+            need.append(f"{label} on {g.name.split()[0]}: " + (f"≥ {req}%" if req else "not reachable"))
     w("Weight noise alone meets the target through the CUDA path (the pre-pass replaces the AMP weight "
       "cast; an 8-chip batch laid out chip-interleaved — sample s on chip s mod 8 — runs as one grouped "
       "cuDNN conv; a chip-major batch costs the CUDA path one copy of every output). With the DAC and "
@@ -235,7 +307,7 @@ def write(args):
               f" | {tr['fused_prepass']['normals'] / 1e6:.2f} | {tr['fused_regen']['normals'] / 1e6:.1f} |")
         w("")
         w("Predicted time per layer (ms) and noisy/clean ratio; *best* = the per-layer choice of "
-          "`gpu_policy` (cuda vs the better fused strategy).")
+          "the model (cuda vs the better fused strategy), a what-if: the plan runs its route (first section).")
         w("")
         for g in gc.GPUS:
             w(f"**{g.name}**")
@@ -266,7 +338,7 @@ def write(args):
                 ratio = tot["best"] / tot["clean"]
                 met = ratio <= TARGET
                 met_all &= met or cname != main_cfg
-                w(f"| {cname} | {g.arch} | {fmt_t(tot['clean'])} | {tot['naive'] / tot['clean']:.2f} | "
+                w(f"| {cname} | {g.name.split()[0]} | {fmt_t(tot['clean'])} | {tot['naive'] / tot['clean']:.2f} | "
                   f"{tot['cuda'] / tot['clean']:.2f} | {tot['fused_prepass'] / tot['clean']:.2f} | "
                   f"{tot['fused_regen'] / tot['clean']:.2f} | {ratio:.2f} | {'yes' if met else 'no'} |")
         w("")
@@ -287,7 +359,7 @@ def write(args):
                     best = sum(min(gc.layer_time(l, cfg, s, train, g, e) for s in ("cuda", "fused_prepass", "fused_regen"))
                                for l in layers)
                     cells.append(f"{best / clean:.2f}")
-                w(f"| {label} | {g.arch} | " + " | ".join(cells) + " |")
+                w(f"| {label} | {g.name.split()[0]} | " + " | ".join(cells) + " |")
         w("")
 
     ok_train = section(f"Noisy training, per_call, batch {args.batch}", train_layers, train_cfgs, True)

@@ -424,6 +424,7 @@ def test_gpu_policy(monkeypatch):
 
 def test_perf_model_writes_doc(tmp_path):
     pytest.importorskip("torchvision")
+    from noisyops.backends import gpu_cost as gc
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     try:
         import perf_model
@@ -434,7 +435,8 @@ def test_perf_model_writes_doc(tmp_path):
     text = out.read_text()
     assert "within 10% of clean" in text
     rows = [l for l in text.splitlines() if l.startswith("| layer4.2.conv3 |")]
-    assert len(rows) == 2 * 3  # traffic, A100 and H100 tables for training and for evaluation
+    assert len(rows) == 2 * (1 + len(gc.GPUS))  # traffic + one table per GPU, training and evaluation
+    assert "What the plan runs, priced (prediction)" in text and "H200" in text
     assert "| fc |" in text and "A100" in text and "H100" in text
 
 

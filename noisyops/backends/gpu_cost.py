@@ -1,12 +1,16 @@
-"""Roofline cost model of the noisy ops on A100 / H100: shared by `gpu_policy` and
-``benchmarks/perf_model.py`` (which writes docs/performance.md from it).
+"""Roofline cost model of the noisy ops on A100 / H100 / H200: the one GPU cost model, behind
+``benchmarks/perf_model.py`` (which writes docs/performance.md from it) and
+`gpu_policy.predicted_times`. Its numbers are **predictions**: no GPU has run these kernels yet,
+and routing does not depend on them (`noisyops.plan.route_of`; `route_time` prices the route the
+plan picks).
 
 Every kernel is charged ``max(flops / peak, bytes / bandwidth) + philox_normals / normal_rate``
 plus a fixed launch overhead; a layer's time is the sum over its kernels. Numbers:
 
 * Peak rates: vendor datasheets (A100 SXM4 80GB: 312 TFLOP/s bf16 dense tensor, 19.5 TFLOP/s
   fp32, 2.039 TB/s HBM2e, 108 SMs at 1.41 GHz; H100 SXM5: 989 TFLOP/s bf16 dense tensor, 67 TFLOP/s
-  fp32, 3.35 TB/s HBM3, 132 SMs at 1.98 GHz — 67e12 = 132·128·2·1.98e9).
+  fp32, 3.35 TB/s HBM3, 132 SMs at 1.98 GHz — 67e12 = 132·128·2·1.98e9; H200 SXM: the H100's
+  compute, 4.8 TB/s HBM3e).
 * Per-SM instruction throughput per clock (CUDA C++ Programming Guide, "Arithmetic Instructions"
   throughput table, compute capability 8.0 / 9.0): fp32 add/mul/fma 64 / 128; 32-bit integer
   add, logic, multiply(-add) 64 / 64; int<->fp32 conversion 16 / 16; special functions (MUFU:
@@ -29,7 +33,24 @@ import math
 from typing import Dict, List, Optional
 
 LAUNCH_S = 4e-6
-ROW_TILE = 128            # BM of the fused GEMM row tiles (regenerate strategy cost)
+
+
+def _kernel_configs():
+    """`noisyops/kernels/configs.py` loaded from its file (it imports only ``os``, the kernels
+    package imports triton)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "configs.py")
+    spec = importlib.util.spec_from_file_location("_noisyops_kernel_configs", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# BM of the fused GEMM's row tiles, read from the kernels' autotune configs (the smallest BM of the
+# arch: the regenerate strategy pays one weight regeneration per row tile).
+ROW_TILES = {arch: min(c["BM"] for c in cfgs) for arch, cfgs in _kernel_configs().GEMM.items()}
+ROW_TILE = min(ROW_TILES.values())
 ACT_BYTES = 2             # bf16 activations / product dtype
 MASTER_BYTES = 4          # fp32 master weights
 # The Triton implicit-GEMM conv reaches this fraction of cuDNN's conv throughput (an assumption
@@ -67,7 +88,8 @@ class GPU:
 
 A100 = GPU("A100 SXM4 80GB", "sm_80", 108, 1.41e9, 312e12, 19.5e12, 2.039e12, 64, 64, 16, 16)
 H100 = GPU("H100 SXM5", "sm_90", 132, 1.98e9, 989e12, 67e12, 3.35e12, 128, 64, 16, 16)
-GPUS = (A100, H100)
+H200 = GPU("H200 SXM", "sm_90", 132, 1.98e9, 989e12, 67e12, 4.8e12, 128, 64, 16, 16)
+GPUS = (A100, H100, H200)
 
 # Instructions per Philox4x32-10 call = four normals (see the module docstring).
 PHILOX_INSTR: Dict[str, int] = {"imad": 40, "alu": 40 + 12, "cvt": 4, "fp32": 4 + 2 * 40, "sfu": 2 * 3}
@@ -131,6 +153,16 @@ class Noise:
     tiles: int = 1
     instances: int = 1        # distinct noise instances in the batch (per_call 1, per_instance K)
     interleaved: bool = True  # per_instance batch laid out sample s on chip s mod K (else chip-major)
+    per_sample: bool = False  # per_sample sampling (instances = N)
+
+    @property
+    def route(self) -> str:
+        """The route `noisyops.plan.route_of` gives such a call: clean / prepass / fused."""
+        if not (self.weight_noise or self.in_bits or self.out_bits or self.out_noise):
+            return "clean"
+        if (self.tiles > 1 and (self.out_bits or self.out_noise)) or (self.per_sample and self.weight_noise):
+            return "fused"
+        return "prepass"
 
 
 @dataclasses.dataclass
@@ -162,7 +194,7 @@ STRATEGIES = ("clean", "naive", "cuda", "fused_prepass", "fused_regen")
 
 
 def kernels(layer: Layer, noise: Noise, strategy: str, train: bool,
-            triton_eff: Optional[float] = None) -> List[Kernel]:
+            triton_eff: Optional[float] = None, row_tile: int = ROW_TILE) -> List[Kernel]:
     """The kernels one layer runs for one forward (``train``: + backward) pass.
 
     * clean: AMP weight cast + cuDNN conv (+ dgrad, wgrad);
@@ -264,7 +296,7 @@ def kernels(layer: Layer, noise: Noise, strategy: str, train: bool,
         return ks
     if strategy == "fused_regen":
         ks.append(_ew("cast W", MASTER_BYTES * W, ACT_BYTES * W))
-        row_tiles = K * math.ceil(L.rows / K / ROW_TILE)  # a row tile never mixes instances
+        row_tiles = K * math.ceil(L.rows / K / row_tile)  # a row tile never mixes instances
         regen = wn_kinds * W * row_tiles
         ks.append(_gemm("fused GEMM", F, x, W, y, eff=eff, extra_bytes=mask_b, normals=regen + out_normals))
         if train:
@@ -279,7 +311,8 @@ def layer_time(layer: Layer, noise: Noise, strategy: str, train: bool, gpu: GPU,
                triton_eff: Optional[float] = None) -> float:
     """Predicted seconds for one layer (forward, or forward + backward with ``train``);
     ``triton_eff`` overrides `TRITON_CONV_EFFICIENCY` (sensitivity studies)."""
-    return sum(k.time(gpu) for k in kernels(layer, noise, strategy, train, triton_eff))
+    row_tile = ROW_TILES.get(int(gpu.arch[3:]), ROW_TILE)
+    return sum(k.time(gpu) for k in kernels(layer, noise, strategy, train, triton_eff, row_tile))
 
 
 def traffic(layer: Layer, noise: Noise, strategy: str, train: bool) -> Dict[str, float]:
@@ -295,3 +328,22 @@ def best_fused(layer: Layer, noise: Noise, train: bool, gpu: GPU) -> str:
 def gpu_for_arch(major: Optional[int]) -> GPU:
     """The modelled GPU closest to a compute capability major version (9 -> H100, else A100)."""
     return H100 if (major or 0) >= 9 else A100
+
+
+# ---- what the plan runs ------------------------------------------------------------------------
+ROUTE_STRATEGY = {"clean": "clean", "prepass": "cuda"}  # fused: the better fused weight strategy
+
+
+def route_strategy(layer: Layer, noise: Noise, train: bool, gpu: GPU) -> str:
+    """The strategy of the model that prices what the plan's route runs for this layer."""
+    route = noise.route
+    if route == "fused":
+        return best_fused(layer, noise, train, gpu)
+    return ROUTE_STRATEGY[route]
+
+
+def route_time(layer: Layer, noise: Noise, train: bool, gpu: GPU, triton_eff: Optional[float] = None) -> float:
+    """Predicted seconds of what the plan's route runs for one layer (a prediction)."""
+    s = route_strategy(layer, noise, train, gpu)
+    row_tile = ROW_TILES.get(int(gpu.arch[3:]), ROW_TILE)
+    return sum(k.time(gpu) for k in kernels(layer, noise, s, train, triton_eff, row_tile))
