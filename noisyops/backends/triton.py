@@ -8,11 +8,16 @@ On CUDA tensors, if `noisyops.backends.gpu_policy.use_cuda_path(kind, p, x, weig
 says True (cuDNN + the CUDA weight pre-pass is cheaper, e.g. per_call conv), the call is declined
 so the ``cuda`` backend runs it; dispatch records which backend ran. ``NOISYOPS_BACKEND=triton``
 bypasses the policy.
+
+An empty batch (or an empty input, ``x.numel() == 0``) has no work for a kernel: these calls return
+the reference's result (empty outputs, zero weight gradients), so they run forced as well.
 """
 from __future__ import annotations
 
 import importlib
 import os
+
+from .. import reference as _reference
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = ("cuda", "cpu") if _INTERPRET else ("cuda",)
@@ -50,6 +55,8 @@ def _policy_declines(kind: str, p, x, weight) -> bool:
 def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, p, instance):
     if _policy_declines("conv2d_fwd", p, x, weight):
         return NotImplemented
+    if x.numel() == 0:
+        return _reference.conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, p, instance)
     from ..kernels import noisy_conv2d
     return noisy_conv2d.conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, p, instance)
 
@@ -58,6 +65,9 @@ def conv2d_bwd(grad_y, x, weight, stride, padding, dilation, groups, p, instance
                needs_input_grad=True, needs_weight_grad=True):
     if _policy_declines("conv2d_bwd", p, x, weight):
         return NotImplemented
+    if x.numel() == 0:
+        return _reference.conv2d_bwd(grad_y, x, weight, stride, padding, dilation, groups, p, instance,
+                                     out_mask, y_stride, needs_input_grad, needs_weight_grad)
     from ..kernels import noisy_conv2d_backward
     return noisy_conv2d_backward.conv2d_bwd(grad_y, x, weight, stride, padding, dilation, groups, p,
                                             instance, out_mask, y_stride, needs_input_grad,
@@ -67,6 +77,8 @@ def conv2d_bwd(grad_y, x, weight, stride, padding, dilation, groups, p, instance
 def linear_fwd(x, weight, bias, p, instance):
     if _policy_declines("linear_fwd", p, x, weight):
         return NotImplemented
+    if x.numel() == 0:
+        return _reference.linear_fwd(x, weight, bias, p, instance)
     from ..kernels import noisy_linear
     return noisy_linear.linear_fwd(x, weight, bias, p, instance)
 
@@ -75,6 +87,9 @@ def linear_bwd(grad_y, x, weight, p, instance, out_mask, y_stride, needs_input_g
                needs_weight_grad=True):
     if _policy_declines("linear_bwd", p, x, weight):
         return NotImplemented
+    if x.numel() == 0:
+        return _reference.linear_bwd(grad_y, x, weight, p, instance, out_mask, y_stride,
+                                     needs_input_grad, needs_weight_grad)
     from ..kernels import noisy_linear
     return noisy_linear.linear_bwd(grad_y, x, weight, p, instance, out_mask, y_stride,
                                    needs_input_grad, needs_weight_grad)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import checks
 from ..config import LayerConfig
 from ..functional import conv2d_with_params
 from .base import NoisyModuleMixin
@@ -90,6 +91,7 @@ class NoisyConv2d(NoisyModuleMixin, nn.Conv2d):
         p = self._op_params()
         inst = self._next_instance(p, x.shape[0], x.device)
         stride, dilation = list(self.stride), list(self.dilation)
+        checks.conv2d_geometry(x, self.weight, stride, padding, dilation, self.groups)
         if self._observer is None:
             y = conv2d_with_params(x, self.weight, self.bias, stride, padding, dilation, self.groups,
                                    p, inst)
