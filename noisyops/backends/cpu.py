@@ -281,7 +281,7 @@ class _Linear:
         x3 = x.reshape(k, -1, x.shape[-1])
         w3 = w.reshape(k, -1, w.shape[-1]).transpose(1, 2)
         y = torch.bmm(x3, w3) if b is None else torch.baddbmm(b.view(1, 1, -1), x3, w3)
-        return y.reshape(k * n, *x.shape[1:-1], -1)
+        return y.reshape(k * n, *x.shape[1:-1], y.shape[-1])  # (no -1: x may have a zero dim)
 
     def bwd(self, g, x, w, need_x, need_w, k=1):
         gx = gw = None
