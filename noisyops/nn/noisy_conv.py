@@ -88,10 +88,10 @@ class NoisyConv2d(NoisyModuleMixin, nn.Conv2d):
         pre_pad, mode, padding = self._padding_plan()
         if pre_pad is not None:
             x = F.pad(x, pre_pad, mode=mode)
-        p = self._op_params()
-        inst = self._next_instance(p, x.shape[0], x.device)
         stride, dilation = list(self.stride), list(self.dilation)
         checks.conv2d_geometry(x, self.weight, stride, padding, dilation, self.groups)
+        p = self._op_params()
+        inst = self._next_instance(p, x.shape[0], x.device)
         if self._observer is None:
             y = conv2d_with_params(x, self.weight, self.bias, stride, padding, dilation, self.groups,
                                    p, inst)
