@@ -23,7 +23,8 @@ How the comparison works (one example):
 
 Profiles: the default run is fast (derandomized, no example database: CI sees the same examples
 every run; about a minute on two cores); ``-m slow`` runs the deep profile
-(``NOISYOPS_FUZZ_EXAMPLES``, default 2000 examples per test) before a release.
+(``NOISYOPS_FUZZ_EXAMPLES``, default 2000 examples per test; ``NOISYOPS_FUZZ_RANDOM=1`` draws new
+examples instead of the fixed derandomized set) before a release.
 """
 import contextlib
 import os
@@ -43,7 +44,9 @@ _COMMON = dict(deadline=None, derandomize=True, database=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                       HealthCheck.filter_too_much])
 DEEP_EXAMPLES = int(os.environ.get("NOISYOPS_FUZZ_EXAMPLES", "2000"))
-settings.register_profile("noisyops-deep", max_examples=DEEP_EXAMPLES, **_COMMON)
+# NOISYOPS_FUZZ_RANDOM=1: the deep profile explores new examples (random seed) instead of the fixed set
+settings.register_profile("noisyops-deep", max_examples=DEEP_EXAMPLES,
+                          **dict(_COMMON, derandomize=os.environ.get("NOISYOPS_FUZZ_RANDOM") != "1"))
 
 
 def fast(n):
