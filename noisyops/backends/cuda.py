@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
+from .. import reference as _reference
 from . import gpu_cost
 from ..params import PER_INSTANCE, OpParams, sample_instance_ids, tile_bounds
 from ..reference import memory_format_of
@@ -210,13 +211,19 @@ def _weights(weight: torch.Tensor, p: OpParams, inst_ids: Sequence[int], dtype: 
         out = torch.empty((len(ids),) + tuple(w32.shape), dtype=dtype, device=w32.device)
         inst = torch.tensor([int(i) for i in ids], dtype=torch.int64).to(w32.device)
         _C().weight_prepass(w32, out, inst, p.seed, p.layer_key, lo, hi, p.sigma(lo, hi), p.eta_mul,
-                            bool(p.w_clip), p.w_bits if p.w_clip else 0, add, mul)
+                            bool(p.w_clip), _w_bits(p, lo, hi), add, mul)
         if add or mul:
             for j in range(len(ids)):
                 yield start + j, out[j]
         else:
             for k in range(len(inst_ids)):
                 yield k, out[0]
+
+
+def _w_bits(p: OpParams, lo: float, hi: float) -> int:
+    """Weight quantizer bits for the pre-pass: off without a clip, and on the empty range (0, 0)
+    of all-zero weights (the clamp alone; no 0/0 step), as `noisyops.reference.quantize`."""
+    return p.w_bits if p.w_clip and (hi > lo or hi != hi) else 0
 
 
 def _interleaved_chips(geom: _Geom, p: OpParams, ids: List[int], x: torch.Tensor, n_tiles: int,
@@ -245,7 +252,7 @@ def _all_weights(weight, p: OpParams, inst_ids: Sequence[int], dtype, noisy=True
     out = torch.empty((len(inst_ids),) + tuple(w32.shape), dtype=dtype, device=w32.device)
     inst = torch.tensor([int(i) for i in inst_ids], dtype=torch.int64).to(w32.device)
     _C().weight_prepass(w32, out, inst, p.seed, p.layer_key, lo, hi, p.sigma(lo, hi), p.eta_mul,
-                        bool(p.w_clip), p.w_bits if p.w_clip else 0, noisy and p.eta > 0, noisy and p.eta_mul > 0)
+                        bool(p.w_clip), _w_bits(p, lo, hi), noisy and p.eta > 0, noisy and p.eta_mul > 0)
     return out
 
 
@@ -415,18 +422,25 @@ def _add_tile(geom: _Geom, grad_x, contrib, c0, c1, samples):
 # ---- the four kernels (signatures of noisyops.reference) --------------------------------------
 def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, p: OpParams, instance):
     """Noisy conv2d forward on the CUDA path; as `noisyops.reference.conv2d_fwd`."""
+    if x.numel() == 0:  # an empty batch has no work: the reference's (empty) result
+        return _reference.conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, p, instance)
     return _forward(_conv_geom(weight, stride, padding, dilation, groups), x, weight, bias, p, instance)
 
 
 def conv2d_bwd(grad_y, x, weight, stride, padding, dilation, groups, p: OpParams, instance, out_mask,
                y_stride, needs_input_grad=True, needs_weight_grad=True):
     """Straight-through backward on the CUDA path; as `noisyops.reference.conv2d_bwd`."""
+    if x.numel() == 0:  # an empty batch has no work: the reference's (empty / zero) result
+        return _reference.conv2d_bwd(grad_y, x, weight, stride, padding, dilation, groups, p, instance,
+                                     out_mask, y_stride, needs_input_grad, needs_weight_grad)
     return _backward(_conv_geom(weight, stride, padding, dilation, groups), grad_y, x, weight, p, instance,
                      out_mask, y_stride, needs_input_grad, needs_weight_grad)
 
 
 def linear_fwd(x, weight, bias, p: OpParams, instance):
     """Noisy linear forward on the CUDA path; as `noisyops.reference.linear_fwd` (1-D x = one sample)."""
+    if x.numel() == 0:  # an empty batch has no work: the reference's (empty) result
+        return _reference.linear_fwd(x, weight, bias, p, instance)
     if x.dim() == 1:
         out = _forward(_linear_geom(weight), x.unsqueeze(0), weight, bias, p, instance)
         return out if out is NotImplemented else (out[0].squeeze(0), out[1])
@@ -436,6 +450,9 @@ def linear_fwd(x, weight, bias, p: OpParams, instance):
 def linear_bwd(grad_y, x, weight, p: OpParams, instance, out_mask, y_stride, needs_input_grad=True,
                needs_weight_grad=True):
     """Straight-through backward of `linear_fwd`; as `noisyops.reference.linear_bwd`."""
+    if x.numel() == 0:  # an empty batch has no work: the reference's (empty / zero) result
+        return _reference.linear_bwd(grad_y, x, weight, p, instance, out_mask, y_stride,
+                                     needs_input_grad, needs_weight_grad)
     if x.dim() == 1:
         out = _backward(_linear_geom(weight), grad_y.unsqueeze(0), x.unsqueeze(0), weight, p, instance,
                         out_mask, (grad_y.shape[0],) + tuple(y_stride), needs_input_grad, needs_weight_grad)
