@@ -38,7 +38,9 @@ def rint_half_even(q):
 @triton.jit
 def quantize(v, lo, hi, delta):
     """``Q(v; lo, hi, ·)`` for a float32 block ``v``; ``lo, hi, delta`` float32 scalars."""
-    c = tl.minimum(tl.maximum(v, lo), hi)
+    # NaN-propagating clamp: a NaN input stays NaN (never quantized to a finite level)
+    c = tl.minimum(tl.maximum(v, lo, propagate_nan=tl.PropagateNan.ALL), hi,
+                   propagate_nan=tl.PropagateNan.ALL)
     return lo + rint_half_even(tl.div_rn(c - lo, delta)) * delta
 
 

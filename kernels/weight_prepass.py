@@ -45,10 +45,12 @@ def weight_args(p, weight: torch.Tensor, noise: bool = True) -> WeightArgs:
     ``noise=False`` gives ``Wq`` only (clean_grad_input)."""
     lo, hi = p.weight_range(weight)
     sigma = p.sigma(lo, hi)
-    flo, fhi, delta = qparams(lo, hi, p.w_bits if p.w_clip else 0)
+    # the empty range (0, 0) of all-zero weights: the quantizer is the clamp (no 0/0 step)
+    bits = p.w_bits if p.w_clip and (hi > lo or hi != hi) else 0
+    flo, fhi, delta = qparams(lo, hi, bits)
     f32 = lambda v: float(torch.tensor(v, dtype=torch.float32))  # noqa: E731
     return WeightArgs(lo=flo, hi=fhi, delta=delta, eta_mul=f32(p.eta_mul), sigma=f32(sigma),
-                      clip=bool(p.w_clip), quant=bool(p.w_clip and p.w_bits > 0),
+                      clip=bool(p.w_clip), quant=bits > 0,
                       noise_mul=noise and p.eta_mul > 0, noise_add=noise and p.eta > 0)
 
 
@@ -59,7 +61,8 @@ def perturb_weight(w, e, w_lo, w_hi, w_delta, eta_mul, sigma, k0, k1, i0, i1, c3
     """``Wn`` (float32) from ``W`` (float32 block) at flat weight indices ``e`` (int block),
     instance words ``(i0, i1)``, key ``(k0, k1)``, ``c3_base = 4·layer_key`` (uint32)."""
     if W_CLIP:
-        w = tl.minimum(tl.maximum(w, w_lo), w_hi)
+        w = tl.minimum(tl.maximum(w, w_lo, propagate_nan=tl.PropagateNan.ALL), w_hi,
+                       propagate_nan=tl.PropagateNan.ALL)  # a NaN weight stays NaN
     if W_Q:
         w = quantize(w, w_lo, w_hi, w_delta)
     if NOISE_MUL:

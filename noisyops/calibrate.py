@@ -72,6 +72,9 @@ def calibrate(model: nn.Module, batches: Iterable, *, lo_pct: float = 0.1, hi_pc
     ranges are those of the full product). Values are subsampled evenly to at most 2^20 per layer
     and batch. Noise, input and output quantizers are off during the pass; the model's train/eval
     mode is respected (put it in eval mode for BatchNorm running statistics to stay unchanged).
+    A NaN or Inf in a layer's input or pre-bias output is a ValueError naming the layer and the
+    batch (a percentile of non-finite data is meaningless). A constant activation (lo = hi) is
+    widened to ``lo − ε, hi + ε`` with ``ε = 1e-6·max(|lo|, 1)``, so the range is never empty.
     The call counters are restored afterwards, so calibration does not shift the noise sequence.
 
     Returns: ``{layer name: (in_range, out_range)}``.
@@ -89,7 +92,16 @@ def calibrate(model: nn.Module, batches: Iterable, *, lo_pct: float = 0.1, hi_pc
         raise ValueError("model: has no noisy layers (convert it with noisyops.convert first)")
     seen: Dict[int, Tuple[list, list]] = {id(m): ([], []) for _, m in layers}
 
+    names = {id(m): name for name, m in layers}
+    batch_no = [0]
+
     def observer(m, x, y):
+        for what, t in (("input", x), ("pre-bias output", y)):
+            if not bool(torch.isfinite(t).all()):
+                n_bad = int((~torch.isfinite(t)).sum())
+                raise ValueError(f"calibrate: layer {names[id(m)]!r} got {n_bad} NaN/Inf values in its "
+                                 f"{what} (calibration batch {batch_no[0]}, shape {tuple(t.shape)}): "
+                                 f"expected finite values; check the batch and the layer's weights")
         xs, ys = seen[id(m)]
         xs.append(_subsample(x))
         ys.append(_subsample(y))
@@ -102,6 +114,7 @@ def calibrate(model: nn.Module, batches: Iterable, *, lo_pct: float = 0.1, hi_pc
             m._refresh()
         n = 0
         for x in _batches(batches, max_batches):
+            batch_no[0] = n
             model(x if device is None else x.to(device))
             n += 1
         if n == 0:

@@ -61,7 +61,8 @@ class LayerConfig:
         eta: additive weight noise, ``σ = eta·(w_max − w_min)``; 0 = off.
         eta_mul: multiplicative weight noise, ``Wn = Wq·(1 + eta_mul·ε')``; 0 = off.
         w_range: ``None`` (no clipping; noise referenced to ``±2·std(W)``), a ``(w_min, w_max)``
-            pair (clip to it), or a float ``k`` (clip to ``±k·std(W)``, the paper's k = 2).
+            pair (clip to it), or a float ``k`` (clip to ``±k·std(W)``, the paper's k = 2; where
+            std(W) is 0 or undefined, ``±k·max|W|``: docs/models.md, "Degenerate ranges").
         w_bits: weight quantizer bits (1..16) over ``w_range``; None = off. Needs a ``w_range``.
         in_bits, in_range: DAC input quantizer; ``in_range`` None = calibrate later (modules).
         out_bits, out_range: ADC output quantizer, before bias; ``out_range`` as ``in_range``.

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .config import LayerConfig
 from .params import PER_INSTANCE, PER_SAMPLE, SAMPLE_STRIDE, OpParams, resolve
-from . import ops
+from . import checks, ops
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 IntOrPair = Union[int, Sequence[int]]
@@ -185,17 +185,13 @@ def noisy_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
         raise ValueError(f"groups={groups!r}: expected an int >= 1")
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    c_out, cin_g = weight.shape[:2]
-    if x.shape[1] != cin_g * groups:
-        raise ValueError(f"input: expected {cin_g * groups} channels (weight {tuple(weight.shape)} "
-                         f"with groups={groups}), got shape {tuple(input.shape)}")
-    if c_out % groups:
-        raise ValueError(f"weight: C_out={c_out} must be divisible by groups={groups}")
-    if bias is not None and bias.shape != (c_out,):
-        raise ValueError(f"bias: expected shape [{c_out}], got {tuple(bias.shape)}")
+    c_out = weight.shape[0]
     stride_ = _pair("stride", stride, 1)
     dilation_ = _pair("dilation", dilation, 1)
     padding_ = _conv_padding(padding, weight, dilation_, stride_)
+    checks.conv2d_geometry(x, weight, stride_, padding_, dilation_, groups)
+    if bias is not None and bias.shape != (c_out,):
+        raise ValueError(f"bias: expected shape [{c_out}], got {tuple(bias.shape)}")
     p = resolve(config, seed=seed, layer_key=layer_key)
     inst = instance_tensor(p, instance, x.shape[0], x.device)
     y = conv2d_with_params(x, weight, bias, stride_, padding_, dilation_, groups, p, inst)
@@ -230,9 +226,7 @@ def noisy_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
         _check_tensor("bias", bias, (1,))
     _check_same(input, {"weight": weight, "bias": bias})
     _check_seed_key(seed, layer_key)
-    if input.shape[-1] != weight.shape[1]:
-        raise ValueError(f"input: expected last dim {weight.shape[1]} (weight {tuple(weight.shape)}), "
-                         f"got shape {tuple(input.shape)}")
+    checks.linear_geometry(input, weight)
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias: expected shape [{weight.shape[0]}], got {tuple(bias.shape)}")
     p = resolve(config, seed=seed, layer_key=layer_key)

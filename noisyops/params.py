@@ -86,9 +86,17 @@ class OpParams:
         """``(w_lo, w_hi)`` for this call: fixed, or ``±w_std_k·std(W)`` (unbiased std).
 
         A measured range is a constant for autograd (no gradient flows through std(W)).
+        Degenerate weights (docs/models.md, "Degenerate ranges"): where std(W) is 0 or undefined
+        (all weights equal, a single weight) the scale is ``max|W|`` instead, so the range holds
+        the weights; all-zero or empty weights give the empty range ``(0, 0)``, on which the clip
+        and the quantizer leave the (zero) weights unchanged and σ = 0. Non-finite weights give
+        a NaN range (NaN propagates, never a finite substitute).
         """
         if self.w_std_k > 0:
-            s = float(weight.detach().double().std()) if weight.numel() > 1 else 0.0
+            w = weight.detach().double()
+            s = float(w.std()) if w.numel() > 1 else 0.0
+            if s == 0.0 and w.numel() > 0:
+                s = float(w.abs().max())
             return (-self.w_std_k * s, self.w_std_k * s)
         return (self.w_lo, self.w_hi)
 

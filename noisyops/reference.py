@@ -32,11 +32,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # ---- quantizer and masks ------------------------------------------------------------------------
 def quantize(v: torch.Tensor, lo: float, hi: float, bits: int) -> torch.Tensor:
     """``Q(v; lo, hi, bits)`` in ``v``'s dtype: ``lo + round((clamp(v) − lo)/Δ)·Δ``, half-to-even,
-    ``Δ = (hi − lo)/(2^bits − 1)`` computed in that dtype; identity for ``bits = 0``."""
+    ``Δ = (hi − lo)/(2^bits − 1)`` computed in that dtype; identity for ``bits = 0``. On the empty
+    range ``lo = hi`` (only all-zero weights measure one, see `OpParams.weight_range`) it is the
+    clamp to ``lo``."""
     if bits <= 0:
         return v
     lo_t = torch.tensor(lo, dtype=v.dtype, device=v.device)
     hi_t = torch.tensor(hi, dtype=v.dtype, device=v.device)
+    if not hi > lo:
+        return torch.minimum(torch.maximum(v, lo_t), hi_t)
     delta = (hi_t - lo_t) / torch.tensor(float((1 << bits) - 1), dtype=v.dtype, device=v.device)
     return lo_t + torch.round((torch.minimum(torch.maximum(v, lo_t), hi_t) - lo_t) / delta) * delta
 
@@ -56,6 +60,8 @@ def pack_mask(masks: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     flat = torch.stack([_storage_order(m) for m in masks])
     T, n = flat.shape
+    if n == 0:  # an empty output (empty batch): no words
+        return torch.zeros((T, 0), dtype=torch.int32, device=flat.device)
     pad = (-n) % 32
     bits = F.pad(flat.to(torch.int64), (0, pad)).view(T, -1, 32)
     words = (bits << torch.arange(32, device=flat.device, dtype=torch.int64)).sum(-1)
@@ -154,7 +160,8 @@ def _forward(layer: _Layer, x, weight, bias, p: OpParams, instance):
     fused_bias = None if p.tiled or bias is None else bias.to(x.dtype)
     fmt = memory_format_of(x)
     y_tiles = [None] * len(tiles)
-    for inst, samples in _groups_by_instance(ids).items():
+    # an empty batch still runs one (empty) product, so y has its shape and layout
+    for inst, samples in (_groups_by_instance(ids) or {0: []}).items():
         wn = weight_noisy(wq, sigma, p, inst)
         sel = xq if len(samples) == batch else xq[samples]
         for t, m in enumerate(tiles):
@@ -166,7 +173,7 @@ def _forward(layer: _Layer, x, weight, bias, p: OpParams, instance):
                     y_tiles[t] = part.new_zeros((batch,) + part.shape[1:])
                 y_tiles[t][samples] = part
     y_tiles = [y.contiguous(memory_format=fmt) for y in y_tiles]
-    if p.out_noise > 0:
+    if p.out_noise > 0 and y_tiles[0].numel():
         numel = y_tiles[0].numel()
         per_sample = numel // batch
         inst_of = torch.tensor(ids, dtype=torch.int64).repeat_interleave(per_sample)

@@ -89,3 +89,61 @@ def test_functional_rejects(call, exc, words):
         call()
     for w in words:
         assert w in str(info.value), (w, str(info.value))
+
+
+# ---- inputs torch would reject deep in a kernel: caught first, with a named ValueError ---------------
+X1 = torch.randn(1, 4, 5, 5)
+
+
+@pytest.mark.parametrize("call,words", [
+    # kernel larger than the padded input
+    (lambda: noisy_conv2d(X1, torch.randn(2, 4, 7, 3), config=CFG, seed=0),
+     ["weight", "kernel (7, 3)", "spans 7 along H", "padded input has 5", "no larger than the padded input"]),
+    (lambda: noisy_conv2d(X1, torch.randn(2, 4, 3, 8), padding=1, config=CFG, seed=0),
+     ["weight", "spans 8 along W", "padded input has 7", "2·padding=2"]),
+    # dilation makes the kernel span more than the padded input
+    (lambda: noisy_conv2d(X1, torch.randn(2, 4, 3, 3), dilation=3, config=CFG, seed=0),
+     ["weight", "dilation=[3, 3]", "spans 7", "padded input has 5"]),
+    # channel mismatch
+    (lambda: noisy_conv2d(X1, torch.randn(2, 3, 3, 3), config=CFG, seed=0),
+     ["input", "expected 3 channels", "(1, 4, 5, 5)"]),
+    # groups that do not divide C_in / C_out
+    (lambda: noisy_conv2d(X1, torch.randn(3, 2, 3, 3), groups=3, config=CFG, seed=0),
+     ["groups=3", "divisor of the input's C_in=4"]),
+    (lambda: noisy_conv2d(X1, torch.randn(3, 2, 3, 3), groups=2, config=CFG, seed=0),
+     ["weight", "C_out=3", "divisible by groups=2"]),
+    # empty spatial input, empty weight dims
+    (lambda: noisy_conv2d(torch.randn(1, 4, 0, 5), torch.randn(2, 4, 1, 1), padding=1, config=CFG, seed=0),
+     ["input", "non-empty spatial dims", "(1, 4, 0, 5)"]),
+    (lambda: noisy_conv2d(X1, torch.randn(0, 4, 3, 3), config=CFG, seed=0),
+     ["weight", "C_out, C_in/groups, kh and kw >= 1", "(0, 4, 3, 3)"]),
+    (lambda: noisy_conv2d(X1, torch.randn(2, 4, 0, 3), config=CFG, seed=0),
+     ["weight", "(2, 4, 0, 3)"]),
+    # feature mismatch (linear)
+    (lambda: noisy_linear(torch.randn(2, 3, 6), torch.randn(4, 5), config=CFG, seed=0),
+     ["input", "last dim 5", "(2, 3, 6)"]),
+    # padding='same' cases torch handles asymmetrically
+    (lambda: noisy_conv2d(X1, torch.randn(2, 4, 2, 2), padding="same", config=CFG, seed=0),
+     ["padding='same'", "symmetric padding", "F.pad"]),
+    (lambda: noisy_conv2d(X1, torch.randn(2, 4, 3, 3), stride=2, padding="same", config=CFG, seed=0),
+     ["padding='same'", "stride=[2, 2]", "stride 1"]),
+])
+def test_functional_rejects_what_torch_rejects(call, words):
+    with pytest.raises(ValueError) as info:
+        call()
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_modules_reject_what_torch_rejects():
+    from torch import nn
+    from noisyops.nn import NoisyConv2d, NoisyLinear
+    conv = NoisyConv2d.from_module(nn.Conv2d(4, 2, 5), CFG)
+    with pytest.raises(ValueError, match=r"weight: kernel \(5, 5\).*padded input has 3"):
+        conv(torch.randn(1, 4, 3, 3))
+    with pytest.raises(ValueError, match=r"input: expected 4 channels.*\(1, 3, 6, 6\)"):
+        conv(torch.randn(1, 3, 6, 6))
+    lin = NoisyLinear.from_module(nn.Linear(5, 2), CFG)
+    with pytest.raises(ValueError, match=r"input: expected last dim 5.*\(3, 4\)"):
+        lin(torch.randn(3, 4))
+    assert conv.calls.item() == 0 and lin.calls.item() == 0  # rejected before the counter moved

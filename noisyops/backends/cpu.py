@@ -122,6 +122,8 @@ class _Weights:
                  lo: float, hi: float, sigma: float, noise: bool = True, chip_weights=None):
         self.weight, self.p, self.cd, self.out_dtype = weight, p, cd, out_dtype
         self.lo, self.hi, self.sigma = lo, hi, sigma
+        # the empty range (0, 0) of all-zero weights: the quantizer is the clamp (no 0/0 step)
+        self.w_bits = p.w_bits if self.hi > self.lo or self.hi != self.hi else 0
         self.noise = noise and p.has_weight_noise
         self.chip_weights = chip_weights if self.noise else None
         self.transform = self.noise or bool(p.w_clip)
@@ -150,11 +152,11 @@ class _Weights:
             # results equal the reference to float64 rounding (the C++ normals agree only to a few
             # float32 ulp, SPEC section 3). The clip / quantize pass is still the C++ kernel.
             wq = torch.empty((1,) + tuple(w.shape), dtype=self.cd)
-            _C().cpu_noisy_weights_(w, wq, [0], self.lo, self.hi, bool(p.w_clip), p.w_bits, 0.0, 0.0,
+            _C().cpu_noisy_weights_(w, wq, [0], self.lo, self.hi, bool(p.w_clip), self.w_bits, 0.0, 0.0,
                                     p.seed, p.layer_key)
             return torch.stack([reference.weight_noisy(wq[0], self.sigma, p, i) for i in ids])
         out = torch.empty((len(ids),) + tuple(w.shape), dtype=self.cd)
-        _C().cpu_noisy_weights_(w, out, ids, self.lo, self.hi, bool(p.w_clip), p.w_bits,
+        _C().cpu_noisy_weights_(w, out, ids, self.lo, self.hi, bool(p.w_clip), self.w_bits,
                                 self.sigma if self.noise else 0.0, p.eta_mul if self.noise else 0.0,
                                 p.seed, p.layer_key)
         return out if self.out_dtype == self.cd else out.to(self.out_dtype)
@@ -260,7 +262,7 @@ class _Linear:
         x3 = x.reshape(k, -1, x.shape[-1])
         w3 = w.reshape(k, -1, w.shape[-1]).transpose(1, 2)
         y = torch.bmm(x3, w3) if b is None else torch.baddbmm(b.view(1, 1, -1), x3, w3)
-        return y.reshape(k * n, *x.shape[1:-1], -1)
+        return y.reshape(k * n, *x.shape[1:-1], y.shape[-1])  # (no -1: x may have a zero dim)
 
     def bwd(self, g, x, w, need_x, need_w, k=1):
         gx = gw = None
@@ -324,8 +326,8 @@ def _products(layer, xq, wsrc: _Weights, bias, p, ids, tile, out_dtype):
     c0, c1 = tile
     batch = xq.shape[0]
     xt = layer.x_tile(xq, c0, c1)
-    if p.sampling == PER_CALL or not wsrc.noise:
-        wn = wsrc.make(ids[:1])[0]
+    if p.sampling == PER_CALL or not wsrc.noise or batch == 0:  # batch 0: one empty product
+        wn = wsrc.make(ids[:1] or [0])[0]
         return layer.fwd(xt, layer.w_tile(wn, c0, c1), bias)
     wbytes = torch.Size(layer.wshape).numel() * torch.empty(0, dtype=wsrc.cd).element_size()
     y = None
@@ -371,7 +373,9 @@ def _forward(layer, plan: CallPlan, x, weight, bias):
     for t, tile in enumerate(tiles):
         part = _products(layer, xq, wsrc, None, p, ids, tile, x.dtype)
         part = _dense(part.to(cd), fmt)
-        if p.out_noise > 0 and cd == torch.float64:  # exact-check dtype: the torch stream (see _Weights.make)
+        if p.out_noise > 0 and part.numel() == 0:
+            pass  # an empty batch: no output noise to draw
+        elif p.out_noise > 0 and cd == torch.float64:  # exact-check dtype: the torch stream (see _Weights.make)
             numel = part.numel()
             inst_of = ids_t.repeat_interleave(numel // batch)
             eps = stream.normals_at(p.seed, p.layer_key, stream.PURPOSE_OUT, inst_of,
@@ -437,8 +441,8 @@ def _backward(layer, plan: CallPlan, grad_y, x, weight, out_mask, y_stride, need
     grad_x = grad_w = None
     single = len(tiles) == 1
     ids = plan.host_ids()  # CPU tensors: a memory load, not a device sync
-    if p.sampling == PER_CALL or not wsrc.noise:
-        wn = wsrc.make(ids[:1])[0]
+    if p.sampling == PER_CALL or not wsrc.noise or batch == 0:  # batch 0: one empty product
+        wn = wsrc.make(ids[:1] or [0])[0]
         if single:  # one ATen call for both gradients (grad_x via Wn, grad_w via xq)
             grad_x, grad_w = layer.bwd(g_tiles[0], xq, wn, need_x, need_w)
         else:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
+from .. import reference as _reference
 from . import gpu_cost
 from ..params import PER_CALL, PER_INSTANCE, PER_SAMPLE, OpParams
 from ..plan import CallPlan, conv2d_plan, linear_plan, memory_format_of
@@ -189,8 +190,14 @@ def _prepass(weight, plan: CallPlan, inst: torch.Tensor, dtype, noisy=True) -> t
     out = torch.empty((inst.numel(),) + tuple(w32.shape), dtype=dtype, device=w32.device)
     lo, hi = (plan.w_lo, plan.w_hi) if plan.w_lo is not None else (0.0, 0.0)
     _C().weight_prepass(w32, out, inst.contiguous(), p.seed, p.layer_key, lo, hi, plan.sigma, p.eta_mul,
-                        bool(p.w_clip), p.w_bits if p.w_clip else 0, add, mul)
+                        bool(p.w_clip), _w_bits(p, lo, hi), add, mul)
     return out
+
+
+def _w_bits(p: OpParams, lo: float, hi: float) -> int:
+    """Weight quantizer bits for the pre-pass: off without a clip, and on the empty range (0, 0)
+    of all-zero weights (the clamp alone; no 0/0 step), as `noisyops.reference.quantize`."""
+    return p.w_bits if p.w_clip and (hi > lo or hi != hi) else 0
 
 
 def _all_weights(weight, plan: CallPlan, inst: torch.Tensor, dtype) -> torch.Tensor:
@@ -387,6 +394,8 @@ def _add_tile(geom: _Geom, grad_x, contrib, c0, c1, samples):
 # ---- the four kernels (signatures of noisyops.reference) --------------------------------------
 def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, p: OpParams, instance, plan=None):
     """Noisy conv2d forward on the CUDA path; as `noisyops.reference.conv2d_fwd`."""
+    if x.numel() == 0:  # an empty batch has no work: the reference's (empty) result
+        return _reference.conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, p, instance)
     plan = plan or conv2d_plan(x, weight, stride, padding, dilation, groups, p, instance)
     return _forward(_conv_geom(weight, stride, padding, dilation, groups), plan, x, weight, bias)
 
@@ -394,6 +403,9 @@ def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, p: OpParams, 
 def conv2d_bwd(grad_y, x, weight, stride, padding, dilation, groups, p: OpParams, instance, out_mask,
                y_stride, needs_input_grad=True, needs_weight_grad=True, plan=None):
     """Straight-through backward on the CUDA path; as `noisyops.reference.conv2d_bwd`."""
+    if x.numel() == 0:  # an empty batch has no work: the reference's (empty / zero) result
+        return _reference.conv2d_bwd(grad_y, x, weight, stride, padding, dilation, groups, p, instance,
+                                     out_mask, y_stride, needs_input_grad, needs_weight_grad)
     plan = plan or conv2d_plan(x, weight, stride, padding, dilation, groups, p, instance)
     return _backward(_conv_geom(weight, stride, padding, dilation, groups), plan, grad_y, x, weight,
                      out_mask, y_stride, needs_input_grad, needs_weight_grad)
@@ -401,6 +413,8 @@ def conv2d_bwd(grad_y, x, weight, stride, padding, dilation, groups, p: OpParams
 
 def linear_fwd(x, weight, bias, p: OpParams, instance, plan=None):
     """Noisy linear forward on the CUDA path; as `noisyops.reference.linear_fwd` (1-D x = one sample)."""
+    if x.numel() == 0:  # an empty batch has no work: the reference's (empty) result
+        return _reference.linear_fwd(x, weight, bias, p, instance)
     plan = plan or linear_plan(x, weight, p, instance)
     if not plan.unbatched:
         return _forward(_linear_geom(weight), plan, x, weight, bias)
@@ -411,6 +425,9 @@ def linear_fwd(x, weight, bias, p: OpParams, instance, plan=None):
 def linear_bwd(grad_y, x, weight, p: OpParams, instance, out_mask, y_stride, needs_input_grad=True,
                needs_weight_grad=True, plan=None):
     """Straight-through backward of `linear_fwd`; as `noisyops.reference.linear_bwd`."""
+    if x.numel() == 0:  # an empty batch has no work: the reference's (empty / zero) result
+        return _reference.linear_bwd(grad_y, x, weight, p, instance, out_mask, y_stride,
+                                     needs_input_grad, needs_weight_grad)
     plan = plan or linear_plan(x, weight, p, instance)
     if plan.unbatched:
         grad_y, x = grad_y.unsqueeze(0), x.unsqueeze(0)

@@ -10,6 +10,9 @@ docs/routing.md), the call is declined so the ``cuda`` backend runs it; dispatch
 backend ran. ``NOISYOPS_BACKEND=triton`` bypasses the policy. Clean calls never get here (dispatch
 runs `noisyops.clean` for them). The kernels build their own launch geometry from the arguments;
 the ``plan=`` dispatch passes is accepted at this interface.
+
+An empty batch (or an empty input, ``x.numel() == 0``) has no work for a kernel: these calls return
+the reference's result (empty outputs, zero weight gradients), so they run forced as well.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import importlib
 import os
 
 import torch
+
+from .. import reference as _reference
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICES = ("cuda", "cpu") if _INTERPRET else ("cuda",)
@@ -55,6 +60,8 @@ def _policy_declines(kind: str, p, x, weight) -> bool:
 def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, p, instance, plan=None):
     if _policy_declines("conv2d_fwd", p, x, weight):
         return NotImplemented
+    if x.numel() == 0:
+        return _reference.conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, p, instance)
     from ..kernels import noisy_conv2d
     return noisy_conv2d.conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, p, instance)
 
@@ -63,6 +70,9 @@ def conv2d_bwd(grad_y, x, weight, stride, padding, dilation, groups, p, instance
                needs_input_grad=True, needs_weight_grad=True, plan=None):
     if _policy_declines("conv2d_bwd", p, x, weight):
         return NotImplemented
+    if x.numel() == 0:
+        return _reference.conv2d_bwd(grad_y, x, weight, stride, padding, dilation, groups, p, instance,
+                                     out_mask, y_stride, needs_input_grad, needs_weight_grad)
     from ..kernels import noisy_conv2d_backward
     return noisy_conv2d_backward.conv2d_bwd(grad_y, x, weight, stride, padding, dilation, groups, p,
                                             instance, out_mask, y_stride, needs_input_grad,
@@ -72,6 +82,8 @@ def conv2d_bwd(grad_y, x, weight, stride, padding, dilation, groups, p, instance
 def linear_fwd(x, weight, bias, p, instance, plan=None):
     if _policy_declines("linear_fwd", p, x, weight):
         return NotImplemented
+    if x.numel() == 0:
+        return _reference.linear_fwd(x, weight, bias, p, instance)
     from ..kernels import noisy_linear
     return noisy_linear.linear_fwd(x, weight, bias, p, instance)
 
@@ -80,6 +92,9 @@ def linear_bwd(grad_y, x, weight, p, instance, out_mask, y_stride, needs_input_g
                needs_weight_grad=True, plan=None):
     if _policy_declines("linear_bwd", p, x, weight):
         return NotImplemented
+    if x.numel() == 0:
+        return _reference.linear_bwd(grad_y, x, weight, p, instance, out_mask, y_stride,
+                                     needs_input_grad, needs_weight_grad)
     from ..kernels import noisy_linear
     return noisy_linear.linear_bwd(grad_y, x, weight, p, instance, out_mask, y_stride,
                                    needs_input_grad, needs_weight_grad)

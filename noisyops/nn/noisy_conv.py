@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import checks
 from ..config import LayerConfig
 from .. import functional as _functional
 from ..functional import conv2d_with_params
@@ -88,9 +89,10 @@ class NoisyConv2d(NoisyModuleMixin, nn.Conv2d):
         pre_pad, mode, padding = self._padding_plan()
         if pre_pad is not None:
             x = F.pad(x, pre_pad, mode=mode)
+        stride, dilation = list(self.stride), list(self.dilation)
+        checks.conv2d_geometry(x, self.weight, stride, padding, dilation, self.groups)
         p = self._op_params()
         inst = self._next_instance(p, x.shape[0], x.device)
-        stride, dilation = list(self.stride), list(self.dilation)
         if self._observer is None:
             y = conv2d_with_params(x, self.weight, self.bias, stride, padding, dilation, self.groups,
                                    p, inst, chip_weights=self._chip_weights(p, self.weight, x))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .. import checks
 from ..config import LayerConfig
 from .. import functional as _functional
 from ..functional import linear_with_params
@@ -62,6 +63,7 @@ class NoisyLinear(NoisyModuleMixin, nn.Linear):
         if input.dtype != self.weight.dtype and not _functional._autocasting(input):
             raise TypeError(f"input has dtype {input.dtype} but weight has {self.weight.dtype}: "
                             f"expected one dtype")
+        checks.linear_geometry(input, self.weight)
         p = self._op_params()
         if input.dim() == 1 and p.sampling != PER_CALL:
             raise ValueError(f"input: {self._config.sampling} sampling needs a batch dim (>= 2-D "
