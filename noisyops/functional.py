@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .config import LayerConfig
 from .params import PER_INSTANCE, PER_SAMPLE, SAMPLE_STRIDE, OpParams, resolve
-from . import ops
+from . import decomposition, ops
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 IntOrPair = Union[int, Sequence[int]]
@@ -166,7 +166,11 @@ def noisy_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
 
 def conv2d_with_params(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation,
                        groups: int, p: OpParams, instance: Tensor) -> Tensor:
-    """The op with already-checked arguments and resolved `OpParams` (modules call this)."""
+    """The op with already-checked arguments and resolved `OpParams` (modules call this).
+    Under ``torch.compile`` it traces `noisyops.decomposition` where that is exact."""
+    if torch.compiler.is_compiling() and decomposition.route(
+            p, weight.shape[1], weight.shape[2] * weight.shape[3]) == decomposition.DECOMPOSED:
+        return decomposition.conv2d(x, weight, bias, stride, padding, dilation, groups, p, instance)
     fparams, iparams = p.to_op_args()
     y, _ = ops.noisy_conv2d_op(x, weight, bias, stride, padding, dilation, groups, fparams, iparams, instance)
     return y
@@ -205,7 +209,11 @@ def noisy_linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
 
 def linear_with_params(x: Tensor, weight: Tensor, bias: Optional[Tensor], p: OpParams,
                        instance: Tensor) -> Tensor:
-    """The op with already-checked arguments and resolved `OpParams` (modules call this)."""
+    """The op with already-checked arguments and resolved `OpParams` (modules call this).
+    Under ``torch.compile`` it traces `noisyops.decomposition` where that is exact."""
+    if torch.compiler.is_compiling() and decomposition.route(
+            p, weight.shape[1], 1) == decomposition.DECOMPOSED:
+        return decomposition.linear(x, weight, bias, p, instance)
     fparams, iparams = p.to_op_args()
     y, _ = ops.noisy_linear_op(x, weight, bias, fparams, iparams, instance)
     return y
