@@ -143,7 +143,7 @@ def kernel_census(codes) -> dict:
         for k in launched:
             rounds = bool(re.search(r"nearbyint|round", bodies.get(k, "")))
             out["rounding_kernels"] += rounds
-            out["counter_kernels"] += (not rounds) and "copy_" in k
+            out["counter_kernels"] += bool(re.fullmatch(r"cpp_fused_add_copy__sub_\d+", k))
             out["standalone_quantizers"] += rounds and not any(n in k for n in _NEIGHBOURS)
         out["extern_calls"] += len(re.findall(r"extern_kernels\.\w+\(", call))
         out["noisyops_ops"] += len(re.findall(r"= torch\.ops\.noisyops\.\w+", call))
@@ -187,6 +187,29 @@ def prepass_seconds(model, repeats=3) -> float:
             decomposition.noisy_weights(m._noisy_weight().detach(), m._op_params(), inst)
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+# ---- output noise: traced Philox vs the custom op ------------------------------------------------------
+def output_noise_micro(shape=(16, 64, 56, 56), repeats=7) -> dict:
+    """Median seconds of ``relu(y + out_noise·ε'')`` compiled two ways: the pure-torch Philox stream
+    traced into the graph (`decomposition.output_noise_traced`, inductor fuses it) and the custom op
+    on the C++ kernel (`decomposition.add_output_noise_op`, what the decomposition uses); and of
+    compiled ``relu(y)`` alone. ``y`` is a ResNet-50 layer-1 sized output."""
+    from noisyops.params import resolve
+    p = resolve(LayerConfig(out_noise=0.1), seed=5, layer_key=3)
+    fparams, iparams = p.to_op_args()
+    y = torch.randn(*shape)
+    inst = torch.tensor(7)
+    fns = {
+        "traced_philox": torch.compile(lambda y, i: torch.relu(y + decomposition.output_noise_traced(y, p, i))),
+        "custom_op": torch.compile(lambda y, i: torch.relu(decomposition.add_output_noise_op(y, fparams, iparams, i))),
+        "relu_only": torch.compile(lambda y, i: torch.relu(y)),
+    }
+    for f in fns.values():
+        for _ in range(3):
+            f(y, inst)
+    times = interleaved({k: (lambda f=f: f(y, inst)) for k, f in fns.items()}, repeats)
+    return {"shape": list(shape), "median_s": {k: round(statistics.median(v), 5) for k, v in times.items()}}
 
 
 # ---- one model ---------------------------------------------------------------------------------------
@@ -251,10 +274,16 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--opaque", action="store_true", help="also time the opaque custom op under compile")
     ap.add_argument("--eval-only", action="store_true")
+    ap.add_argument("--output-noise", action="store_true",
+                    help="only the output-noise micro-benchmark (traced Philox vs custom op)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch._dynamo.config.cache_size_limit = 64
     load = os.getloadavg()
+    if args.output_noise:
+        res = output_noise_micro()
+        print(json.dumps(res))
+        return res
     runs = [("tiny", 16, 4)] if args.quick else [(m, MODELS[m], args.batch) for m in args.models.split(",")]
     results = []
     for name, size, batch in runs:
