@@ -140,6 +140,7 @@ def kernel_census(codes) -> dict:
         call = code[code.find("def call("):]
         launched = re.findall(r"^\s+(cpp_fused_\w+)\(", call, re.M)
         out["cpp_kernels"] += len(launched)
+        out.setdefault("launched", []).extend(launched)
         for k in launched:
             rounds = bool(re.search(r"nearbyint|round", bodies.get(k, "")))
             out["rounding_kernels"] += rounds
@@ -233,8 +234,8 @@ def run_model(name: str, size: int, batch: int, repeats: int, opaque: bool, trai
             secs, codes = first_call(steps[vname])
             result["compile_s"][f"{mode}/{vname}"] = round(secs, 1)
             result["kernels"][f"{mode}/{vname}"] = kernel_census(codes)
-            print(f"  {name} {mode} {vname}: compiled in {secs:.1f} s, {result['kernels'][f'{mode}/{vname}']}",
-                  flush=True)
+            counts = {k: v for k, v in result["kernels"][f"{mode}/{vname}"].items() if k != "launched"}
+            print(f"  {name} {mode} {vname}: compiled in {secs:.1f} s, {counts}", flush=True)
         for _ in range(3):  # warm-up after every variant compiled (the first calls after a compile are slow)
             for s in steps.values():
                 s()

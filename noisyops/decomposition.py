@@ -9,8 +9,9 @@ therefore trace this decomposition instead, whenever `route` says it is exact:
                                                                 (clip, quantize, Philox noise), one copy
     xq  = Q_in(x)                                               pointwise, STE: grad·[in_lo <= x <= in_hi]
     y   = aten.convolution(xq, Wn, b?) / aten.linear(xq, Wn, b?)
-    y  += out_noise·ε''                                         ε'' = SPEC section 3 stream (purpose 2,
-                                                                element = flat row-major (NCHW) index)
+    y   = noisyops::add_output_noise(y, params, counter)       custom op: y + out_noise·ε'', ε'' the SPEC
+                                                                section 3 stream (purpose 2, element =
+                                                                flat row-major (NCHW) index of y)
     y   = Q_out(y) + b                                          pointwise, STE: grad·[out_lo <= y <= out_hi]
 
 Backward (straight-through, SPEC section 1): ``aten.convolution``'s own backward gives the input
@@ -18,12 +19,13 @@ gradient through the saved ``Wn`` (the same noisy weights the eager backward reg
 weight gradient with respect to ``Wn``; the pre-pass's autograd passes that gradient to the clean
 ``W``, zeroed where the clip saturated (identity inside, also through ``w_bits`` and the noise).
 
-RNG contract: ``Wn`` comes from the same kernel the eager op uses on that device (cpu backend:
-``_C.cpu_noisy_weights_``; otherwise the pure-torch reference), so its noise is bit-identical to
-eager. The output noise is the pure-torch stream of `noisyops.stream` traced into the graph
-(inductor fuses the Philox rounds into the kernel that consumes ``y``; see docs/compile_cpu.md for
-the measured cost): its words and uniforms are bit-identical to eager, its normals agree within a
-few ulp (log/sqrt/cos are not correctly rounded alike, SPEC section 3).
+RNG contract: ``Wn`` and the output noise come from the kernels the eager op uses on that device
+(cpu backend: ``_C.cpu_noisy_weights_`` and ``_C.cpu_out_noise_``; float64 noise and other devices:
+the pure-torch stream of `noisyops.stream`): bit-identical to eager wherever eager runs the cpu or
+the reference backend; on CUDA the eager op's own kernels give the same words and uniforms, normals
+within a few ulp (SPEC section 3; not run here, no GPU). The output noise
+is a custom op rather than the stream traced into the graph because that measured cheaper on the
+CPU (`output_noise_traced`, docs/compile_cpu.md).
 
 Which calls take which path (`route`):
 
