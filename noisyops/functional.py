@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .config import LayerConfig
 from .params import PER_INSTANCE, PER_SAMPLE, SAMPLE_STRIDE, OpParams, resolve
-from . import checks, ops
+from . import checks, decomposition, ops
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 IntOrPair = Union[int, Sequence[int]]
@@ -203,6 +203,9 @@ def conv2d_with_params(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride
                        chip_weights: Optional[Tensor] = None) -> Tensor:
     """The op with already-checked arguments and resolved `OpParams` (modules call this).
     ``chip_weights``: the caller's noisy weights of its per_instance chips (`noisyops.ops`)."""
+    if chip_weights is None and torch.compiler.is_compiling() and decomposition.route(
+            p, weight.shape[1], weight.shape[2] * weight.shape[3]) == decomposition.DECOMPOSED:
+        return decomposition.conv2d(x, weight, bias, stride, padding, dilation, groups, p, instance)
     fparams, iparams = p.to_op_args()
     y, _ = ops.noisy_conv2d_op(x, weight, bias, stride, padding, dilation, groups, fparams, iparams,
                                instance, chip_weights)
@@ -242,6 +245,9 @@ def linear_with_params(x: Tensor, weight: Tensor, bias: Optional[Tensor], p: OpP
                        instance: Tensor, *, chip_weights: Optional[Tensor] = None) -> Tensor:
     """The op with already-checked arguments and resolved `OpParams` (modules call this).
     ``chip_weights``: the caller's noisy weights of its per_instance chips (`noisyops.ops`)."""
+    if chip_weights is None and torch.compiler.is_compiling() and decomposition.route(
+            p, weight.shape[1], 1) == decomposition.DECOMPOSED:
+        return decomposition.linear(x, weight, bias, p, instance)
     fparams, iparams = p.to_op_args()
     y, _ = ops.noisy_linear_op(x, weight, bias, fparams, iparams, instance, chip_weights)
     return y

@@ -107,13 +107,18 @@ def test_inductor_saved_counter_is_not_the_buffer():
 
 @pytest.mark.slow
 def test_inductor_matches_eager():
-    """The default backend (inductor, C++ codegen on CPU): about a minute on a busy 2-core box."""
+    """The default backend (inductor, C++ codegen on CPU): about a minute on a busy 2-core box.
+
+    Inductor sees the decomposed product (`noisyops.decomposition`) and lays the convolutions out
+    channels-last (its layout optimisation, as for a clean model), so the products round
+    differently: outputs are compared at float32 rounding. The noise itself is compared bit for
+    bit in tests/test_decomposition.py."""
     torch._dynamo.reset()
     eager, model = _pair(noisyops.models.lenet5, NOISY)
     comp = torch.compile(model, fullgraph=True)
     x = torch.randn(2, 1, 28, 28)
     for _ in range(2):
-        assert torch.equal(eager(x), comp(x))
+        torch.testing.assert_close(comp(x), eager(x), rtol=1e-6, atol=1e-7)
     eager(x).square().sum().backward()
     comp(x).square().sum().backward()
     for pe, pc in zip(eager.parameters(), model.parameters()):

@@ -1,0 +1,306 @@
+"""torch.compile on the CPU: a compiled noisy ResNet against the compiled clean one.
+
+Side by side in one process, interleaved repeats, medians, ratios to clean (throughput = clean time
+/ noisy time):
+
+* torchvision ResNet-18 at 160x160 and ResNet-50 at 224x224, batch 16 (``--quick``: a tiny residual
+  CNN at 16x16, batch 4, for the test suite);
+* noisy = ``noisyops.convert(model, LayerConfig(eta=0.04, in_bits=8, out_bits=8))`` (``per_call``;
+  noise referenced to ±2·std(W) fixed at conversion; input/output ranges calibrated on one batch
+  by ``noisyops.calibrate``, 0.1 / 99.9 percentiles), then ``torch.compile`` (inductor). Under
+  compile the noisy layers trace `noisyops.decomposition` (noise pre-pass op → aten conv → pointwise
+  quantizers); ``--opaque`` adds the variant with ``decomposition.ENABLED = False`` (the opaque
+  custom op, as before the decomposition existed);
+* eval = ``no_grad`` forward; train step = forward + cross-entropy + backward + SGD step (the
+  optimizer runs eagerly, the model is compiled);
+* fusion evidence: the inductor output code of each compiled graph (``run_and_get_code``), counting
+  the generated C++ kernels (``cpp_fused_*`` launched from ``call``), how many of them round (the
+  quantizers: ``nearbyint`` / ``round``), the extern calls (convolutions, GEMMs) and the noisyops
+  custom ops;
+* cost split of one compiled eval forward (``torch.profiler``, self CPU time): the noise pre-pass
+  op (``noisyops::noisy_weights``), the convolutions, everything else.
+
+Usage: ``python benchmarks/compile_cpu.py [--repeats 5] [--models resnet18,resnet50] [--opaque]
+[--json benchmarks/results/compile_cpu.json]``. Inputs are random (speed does not depend on the
+data); weights are torchvision's random init.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import noisyops  # noqa: E402
+from noisyops import LayerConfig, decomposition  # noqa: E402
+
+ETA = 0.04
+BITS = 8
+MODELS = {"resnet18": 160, "resnet50": 224}
+
+
+class TinyResNet(nn.Module):
+    """A residual CNN small enough to compile in seconds (the --quick mode)."""
+
+    def __init__(self, width=8, classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(x + self.bn2(self.conv2(y)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    if name == "tiny":
+        return TinyResNet()
+    import torchvision
+    return getattr(torchvision.models, name)()
+
+
+def noisy_copy(clean: nn.Module, calib_x: torch.Tensor) -> nn.Module:
+    cfg = LayerConfig(eta=ETA, in_bits=BITS, out_bits=BITS, sampling="per_call")
+    m = noisyops.convert(copy.deepcopy(clean), cfg, seed=1)
+    m.eval()
+    noisyops.calibrate(m, calib_x)
+    return m
+
+
+# ---- steps ----------------------------------------------------------------------------------------
+def make_eval(model, x):
+    def step():
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    return step
+
+
+def make_train(model, x, y, params):
+    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+
+    def step():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """``{name: [seconds per repeat]}``, the variants run in turn in each repeat."""
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            gc.collect()
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+# ---- inductor output code --------------------------------------------------------------------------
+_KERNEL_DEF = re.compile(r"^(cpp_fused_\w+) = async_compile\.cpp_pybinding\(.*?'''(.*?)'''", re.M | re.S)
+
+
+_NEIGHBOURS = ("batch_norm", "relu", "threshold_backward", "mean", "convolution", "pool", "mm", "sum")
+
+
+def kernel_census(codes) -> dict:
+    """Counts over inductor's output code of one compiled step (every graph it generated).
+
+    ``cpp_kernels``: generated C++ kernels launched per call; ``counter_kernels``: the scalar
+    kernels that advance the noisy layers' call counters (``calls.copy_(calls + 1)``);
+    ``rounding_kernels``: kernels holding a quantizer (they round); ``standalone_quantizers``:
+    rounding kernels with no neighbouring op in them (kernel names list the fused aten ops; none of
+    batch_norm / relu / threshold_backward / mean / convolution (layout copy) / pool / mm / sum).
+    """
+    out = {"cpp_kernels": 0, "counter_kernels": 0, "rounding_kernels": 0, "standalone_quantizers": 0,
+           "extern_calls": 0, "noisyops_ops": 0, "graphs": len(codes)}
+    for code in codes:
+        bodies = dict(_KERNEL_DEF.findall(code))
+        call = code[code.find("def call("):]
+        launched = re.findall(r"^\s+(cpp_fused_\w+)\(", call, re.M)
+        out["cpp_kernels"] += len(launched)
+        out.setdefault("launched", []).extend(launched)
+        for k in launched:
+            rounds = bool(re.search(r"nearbyint|round", bodies.get(k, "")))
+            out["rounding_kernels"] += rounds
+            out["counter_kernels"] += bool(re.fullmatch(r"cpp_fused_add_copy__sub_\d+", k))
+            out["standalone_quantizers"] += rounds and not any(n in k for n in _NEIGHBOURS)
+        out["extern_calls"] += len(re.findall(r"extern_kernels\.\w+\(", call))
+        out["noisyops_ops"] += len(re.findall(r"= torch\.ops\.noisyops\.\w+", call))
+    return out
+
+
+def first_call(step):
+    """Run ``step`` once (it compiles) and return ``(seconds, inductor output code)``."""
+    from torch._inductor.utils import run_and_get_code
+    t0 = time.perf_counter()
+    _, codes = run_and_get_code(step)
+    return time.perf_counter() - t0, codes
+
+
+# ---- cost split ------------------------------------------------------------------------------------
+def cost_split(step) -> dict:
+    """Self CPU seconds of one call by category (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    split = {"noise_prepass": 0.0, "convolution": 0.0, "other": 0.0}
+    for e in prof.key_averages():
+        t = e.self_cpu_time_total / 1e6
+        if "noisy_weights" in e.key:
+            split["noise_prepass"] += t
+        elif "conv" in e.key or "mkldnn" in e.key:
+            split["convolution"] += t
+        else:
+            split["other"] += t
+    return {k: round(v, 4) for k, v in split.items()}
+
+
+def prepass_seconds(model, repeats=3) -> float:
+    """Median seconds of the noise pre-pass of every noisy layer (what one noisy forward adds)."""
+    layers = [m for _, m in noisyops.noisy_layers(model)]
+    inst = torch.tensor(0)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for m in layers:
+            decomposition.noisy_weights(m._noisy_weight().detach(), m._op_params(), inst)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+# ---- output noise: traced Philox vs the custom op ------------------------------------------------------
+def output_noise_micro(shape=(16, 64, 56, 56), repeats=7) -> dict:
+    """Median seconds of ``relu(y + out_noise·ε'')`` compiled two ways: the pure-torch Philox stream
+    traced into the graph (`decomposition.output_noise_traced`, inductor fuses it) and the custom op
+    on the C++ kernel (`decomposition.add_output_noise_op`, what the decomposition uses); and of
+    compiled ``relu(y)`` alone. ``y`` is a ResNet-50 layer-1 sized output."""
+    from noisyops.params import resolve
+    p = resolve(LayerConfig(out_noise=0.1), seed=5, layer_key=3)
+    fparams, iparams = p.to_op_args()
+    y = torch.randn(*shape)
+    inst = torch.tensor(7)
+    fns = {
+        "traced_philox": torch.compile(lambda y, i: torch.relu(y + decomposition.output_noise_traced(y, p, i))),
+        "custom_op": torch.compile(lambda y, i: torch.relu(decomposition.add_output_noise_op(y, fparams, iparams, i))),
+        "relu_only": torch.compile(lambda y, i: torch.relu(y)),
+    }
+    for f in fns.values():
+        for _ in range(3):
+            f(y, inst)
+    times = interleaved({k: (lambda f=f: f(y, inst)) for k, f in fns.items()}, repeats)
+    return {"shape": list(shape), "median_s": {k: round(statistics.median(v), 5) for k, v in times.items()}}
+
+
+# ---- one model ---------------------------------------------------------------------------------------
+def run_model(name: str, size: int, batch: int, repeats: int, opaque: bool, train: bool = True) -> dict:
+    torch._dynamo.reset()
+    clean = build(name)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
+    noisy = noisy_copy(clean, x)
+    variants = {"clean": clean, "noisy": noisy}
+    if opaque:
+        variants["noisy_opaque"] = noisy_copy(clean, x)
+    result = {"model": name, "size": size, "batch": batch, "compile_s": {}, "kernels": {}, "times_s": {}}
+    modes = ("eval", "train") if train else ("eval",)
+    for mode in modes:
+        steps = {}
+        for vname, model in variants.items():
+            comp = torch.compile(model)
+            steps[vname] = make_eval(comp, x) if mode == "eval" else make_train(comp, x, y, model.parameters())
+            decomposition.ENABLED = vname != "noisy_opaque"
+            secs, codes = first_call(steps[vname])
+            result["compile_s"][f"{mode}/{vname}"] = round(secs, 1)
+            result["kernels"][f"{mode}/{vname}"] = kernel_census(codes)
+            counts = {k: v for k, v in result["kernels"][f"{mode}/{vname}"].items() if k != "launched"}
+            print(f"  {name} {mode} {vname}: compiled in {secs:.1f} s, {counts}", flush=True)
+        for _ in range(3):  # warm-up after every variant compiled (the first calls after a compile are slow)
+            for s in steps.values():
+                s()
+        decomposition.ENABLED = True  # compiled graphs are fixed now; the flag only matters at trace time
+        times = interleaved(steps, repeats)
+        result["times_s"][mode] = {k: [round(t, 4) for t in v] for k, v in times.items()}
+        med = {k: statistics.median(v) for k, v in times.items()}
+        result.setdefault("median_s", {})[mode] = {k: round(v, 4) for k, v in med.items()}
+        result.setdefault("ratio", {})[mode] = {k: round(med["clean"] / v, 3) for k, v in med.items() if k != "clean"}
+        print(f"  {name} {mode}: medians {result['median_s'][mode]} ratios {result['ratio'][mode]}", flush=True)
+        if mode == "eval":
+            result["eval_cost_split_s"] = {k: cost_split(s) for k, s in steps.items()}
+    result["prepass_eager_s"] = round(prepass_seconds(noisy), 4)
+    return result
+
+
+def table(results) -> str:
+    lines = ["| model | input | step | clean (s) | noisy (s) | noisy / clean throughput |"
+             + (" opaque op (s) | opaque / clean |" if any("noisy_opaque" in r["median_s"]["eval"] for r in results) else ""),
+             "| --- | --- | --- | --- | --- | --- |"
+             + (" --- | --- |" if any("noisy_opaque" in r["median_s"]["eval"] for r in results) else "")]
+    for r in results:
+        for mode, med in r["median_s"].items():
+            row = (f"| {r['model']} | {r['batch']}×3×{r['size']}² | {mode} | {med['clean']:.3f} | "
+                   f"{med['noisy']:.3f} | **{r['ratio'][mode]['noisy']:.3f}** |")
+            if "noisy_opaque" in med:
+                row += f" {med['noisy_opaque']:.3f} | {r['ratio'][mode]['noisy_opaque']:.3f} |"
+            lines.append(row)
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny residual CNN, 16x16, batch 4 (tests)")
+    ap.add_argument("--models", default="resnet18,resnet50")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--opaque", action="store_true", help="also time the opaque custom op under compile")
+    ap.add_argument("--eval-only", action="store_true")
+    ap.add_argument("--output-noise", action="store_true",
+                    help="only the output-noise micro-benchmark (traced Philox vs custom op)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch._dynamo.config.cache_size_limit = 64
+    load = os.getloadavg()
+    if args.output_noise:
+        res = output_noise_micro()
+        print(json.dumps(res))
+        return res
+    runs = [("tiny", 16, 4)] if args.quick else [(m, MODELS[m], args.batch) for m in args.models.split(",")]
+    results = []
+    for name, size, batch in runs:
+        results.append(run_model(name, size, batch, 2 if args.quick else args.repeats, args.opaque,
+                                 train=not args.eval_only))
+    out = {"command": "python benchmarks/compile_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "loadavg_before": [round(v, 2) for v in load], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "results": results}
+    print(table(results))
+    print(f"load average before {out['loadavg_before']}, after {out['loadavg_after']}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()

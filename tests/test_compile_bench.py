@@ -1,0 +1,43 @@
+"""`benchmarks/compile_cpu.py --quick` on a tiny residual CNN: it runs, times both variants, and
+inductor's output code shows the quantizers fused into the neighbouring kernels."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+
+def _check_census(clean, noisy, layers):
+    assert noisy["noisyops_ops"] == layers  # one noise pre-pass per layer, no opaque op
+    assert noisy["extern_calls"] == clean["extern_calls"]  # the same convolutions / GEMMs
+    assert noisy["rounding_kernels"] >= 1 and clean["rounding_kernels"] == 0
+    # the quantizers live in kernels the clean graph has anyway; what is added: one scalar kernel per
+    # layer advancing its call counter, and the last layer's ADC (nothing pointwise follows it)
+    assert noisy["standalone_quantizers"] <= 1
+    assert noisy["cpp_kernels"] - noisy["counter_kernels"] <= clean["cpp_kernels"] + 1
+    assert noisy["counter_kernels"] <= layers
+
+
+def test_quick_eval_fuses_quantizers():
+    import compile_cpu
+    out = compile_cpu.main(["--quick", "--eval-only"])
+    r = out["results"][0]
+    k = r["kernels"]
+    _check_census(k["eval/clean"], k["eval/noisy"], layers=4)
+    assert r["ratio"]["eval"]["noisy"] > 0
+    split = r["eval_cost_split_s"]["noisy"]
+    assert split["noise_prepass"] > 0 and split["convolution"] > 0
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_quick_train_fuses_quantizers():
+    import compile_cpu
+    out = compile_cpu.main(["--quick"])
+    k = out["results"][0]["kernels"]
+    _check_census(k["eval/clean"], k["eval/noisy"], layers=4)
+    assert k["train/noisy"]["noisyops_ops"] == 4  # the pre-pass in forward; its backward is pointwise
+    assert k["train/noisy"]["standalone_quantizers"] <= 2
+    torch._dynamo.reset()
