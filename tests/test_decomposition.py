@@ -145,7 +145,8 @@ def test_noisy_weights_op_bits_and_straight_through_gradient():
     p = resolve(CLIP_MUL, seed=21, layer_key=2)
     wn, bounds = decomposition.noisy_weights_op(w, *p.to_op_args(), torch.tensor(4))
     from noisyops.backends import cpu as cpu_backend
-    ws = cpu_backend._Weights(w, p, torch.float32, torch.float32)
+    lo, hi = p.weight_range(w)
+    ws = cpu_backend._Weights(w, p, torch.float32, torch.float32, lo, hi, p.sigma(lo, hi))
     assert torch.equal(wn, ws.make([4])[0])
     assert tuple(bounds.tolist()) == (-0.2, 0.2)
     g = torch.randn_like(w)
