@@ -56,6 +56,9 @@ CPU_ROUTES = ("cpu", "reference")
 INTERPRET_ROUTES = ("triton-regen", "triton-prepass")
 # max |a - r| / max|r| allowed, by product dtype (fp32: IEEE; tf32: 10-bit mantissa; bf16: 8-bit)
 TOL = {"fp32": 2e-5, "tf32": 4e-3, "bf16": 3e-2}
+# ADC configs: fraction of outputs allowed one level apart (summation order; tf32 vs the fp32
+# reference also rounds the product) and of gradient elements moved by the out-mask bits they gate
+FLIPS = {"fp32": 0.01, "tf32": 0.03, "bf16": 0.02}
 
 
 # ---- budget -----------------------------------------------------------------------------------
@@ -212,9 +215,9 @@ def _fwd_bwd(run, x, w, b, gy):
     return y.detach(), [t.grad for t in leaves]
 
 
-def _compare(name, a, r, tol, step=0.0):
+def _compare(name, a, r, tol, step=0.0, flips=0.01):
     """``(ok, stats)``: NaN-free, shapes equal, ``|a-r| <= tol·max|r|`` everywhere except, with a
-    quantizer of step ``step``, at most 1% of the elements one step apart."""
+    quantizer of step ``step``, at most a fraction ``flips`` of the elements one step apart."""
     a, r = a.double().cpu(), r.double().cpu()
     st = {"tensor": name}
     if a.shape != r.shape:
@@ -229,7 +232,7 @@ def _compare(name, a, r, tol, step=0.0):
               frac_over_tol=float(bad.double().mean()) if d.numel() else 0.0)
     ok = nans == 0
     if step > 0:
-        ok &= st["frac_over_tol"] <= 0.01 and bool((d[bad] <= step * 1.001 + lim).all())
+        ok &= st["frac_over_tol"] <= flips and bool((d[bad] <= step * 1.001 + lim).all())
     else:
         ok &= not bool(bad.any())
     return ok, st
@@ -307,11 +310,14 @@ def check_part(part: Part, device: str, routes, dtypes, smoke: bool, seed: int) 
                     x, w, b = (t.to(dt) for t in (x0, w0, b0))
                     if kind == "conv":
                         x = x.contiguous(memory_format=torch.channels_last)
+                    # the reference in float64, except with an ADC: a tile's sum sitting within the
+                    # dtype's rounding of a quantizer level would flip it, so ADC configs compare to
+                    # the reference run in the same dtype (product rounded to it, as the contract says)
+                    rdt = dt if cfg.out_bits else torch.float64
                     with route_env("reference"):
-                        yr, gr = None, None
-                        yprobe = run_ref(x.double(), w.double(), b.double())
-                        gy = torch.randn(yprobe.shape, generator=g)
-                        yr, gr = _fwd_bwd(run_ref, x.double(), w.double(), b.double(), gy.double())
+                        yprobe = run_ref(x.to(rdt), w.to(rdt), b.to(rdt))
+                        gy = torch.randn(yprobe.shape, generator=g).to(dt)
+                        yr, gr = _fwd_bwd(run_ref, x.to(rdt), w.to(rdt), b.to(rdt), gy.to(rdt))
                     for route in routes:
                         if part.expired():
                             continue
@@ -335,9 +341,10 @@ def check_part(part: Part, device: str, routes, dtypes, smoke: bool, seed: int) 
                                 # out-mask bits may flip where a tile's sum sits on the ADC range
                                 # edge in one precision and not the other: the gradients then
                                 # differ at those few outputs
-                                ok, s = _compare(nm, a, r, tol, st if nm == "y" else 0.0)
+                                ok, s = _compare(nm, a, r, tol, st if nm == "y" else 0.0,
+                                                 FLIPS[dname])
                                 if not ok and cfg.out_bits and nm != "y":
-                                    ok = s["nan"] == 0 and s["frac_over_tol"] <= 0.01
+                                    ok = s["nan"] == 0 and s["frac_over_tol"] <= FLIPS[dname]
                                 parts_ok.append(ok)
                                 stats.append(s)
                             if cname == "clean":
@@ -740,7 +747,8 @@ def main(argv=None) -> int:
     res = dict(command=command, budget_s=budget.total, env=environment(device), parts={})
     budget.say(f"device {res['env'].get('gpu', 'cpu')}; parts {parts}; routes {routes}; dtypes {dtypes}; seed {seed}")
     # shares of the remaining budget: check 30%, layers 45% (of what is left then), model the rest
-    shares = {"check": 0.3, "layers": 0.45 if "model" in parts else 1.0, "model": 1.0}
+    shares = {"check": 0.3 if len(parts) > 1 else 1.0, "layers": 0.45 if "model" in parts else 1.0,
+              "model": 1.0}
     for name in parts:
         part = Part(budget, name, shares.get(name, 1.0) * budget.left())
         t_part = time.time()
