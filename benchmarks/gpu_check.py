@@ -727,7 +727,7 @@ def main(argv=None) -> int:
     ap.add_argument("--routes", default=None, help="comma list (default: every route of the device)")
     ap.add_argument("--dtypes", default=None, help="comma list of fp32,tf32,bf16")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="wall-clock budget of this script (default 400 s; --quick 120 s; smoke 50 s)")
+                    help="wall-clock budget of this script (default 360 s; --quick 100 s; smoke 45 s)")
     ap.add_argument("--seed", type=int, default=None, help="input seed (default: fresh, recorded)")
     ap.add_argument("--no-interpret-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -737,7 +737,7 @@ def main(argv=None) -> int:
     if not smoke and not torch.cuda.is_available():
         print("gpu_check.py: no CUDA device; use --cpu-smoke on a machine without a GPU")
         return 2
-    budget = Budget(args.budget_s or (45 if smoke else (120 if args.quick else 400)))
+    budget = Budget(args.budget_s or (45 if smoke else (100 if args.quick else 360)))
     parts = args.parts.split(",")
     dtypes = args.dtypes.split(",") if args.dtypes else (["fp32"] if smoke else list(DTYPES))
     routes = (args.routes.split(",") if args.routes else list(CPU_ROUTES if smoke else GPU_ROUTES))
