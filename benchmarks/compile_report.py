@@ -189,7 +189,9 @@ def configs_for(label: str, arch: int, args_by_name: dict):
     elementwise kernel, launched with its own block size)."""
     if "weight_prepass" in label:
         return None, [None]
-    fam = configs.family("WGRAD" if label.endswith("bwd_w") else "GEMM", args_by_name)
+    operand = args_by_name.get("x_ptr")
+    fam = configs.family("WGRAD" if label.endswith("bwd_w") else "GEMM", args_by_name,
+                         operand.element_size() if operand is not None else 2)
     return fam, configs.pruned(fam, arch, args_by_name)
 
 
@@ -199,9 +201,17 @@ def main(argv=None):
     ap.add_argument("--archs", default="80,90")
     ap.add_argument("--quick", action="store_true",
                     help="first shape, bf16, first config of each kernel only (the CI test)")
+    ap.add_argument("--fp32", action="store_true",
+                    help="also fp32 operands (as tf32) on the first shape (not in the committed report)")
+    ap.add_argument("--kernels", default=None,
+                    help="comma list of kernel labels (e.g. conv_bwd_w,linear_bwd_w): compile only those")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --kernels: replace those kernels' records (of --archs) in the existing <out>.json")
     args = ap.parse_args(argv)
     archs = [int(a) for a in args.archs.split(",")]
-    dtypes = {"bf16": torch.bfloat16} if args.quick else {"bf16": torch.bfloat16, "fp32(tf32)": torch.float32}
+    only = set(args.kernels.split(",")) if args.kernels else None
+    ap_fp32 = args.fp32 and not args.quick
+    dtypes = {"bf16": torch.bfloat16, **({"fp32(tf32)": torch.float32} if ap_fp32 else {})}
     shapes = SHAPES[:1] if args.quick else SHAPES
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 products as tf32: what training uses on GPUs
     records, seen = [], set()
@@ -211,6 +221,8 @@ def main(argv=None):
             for case in CASES:
                 for strategy in STRATEGIES:
                     for label, fn, largs, lkw in launches(shape, case, strategy, dtype):
+                        if only is not None and label not in only:
+                            continue
                         by_name = {**dict(zip(fn.arg_names, largs)), **lkw}
                         for arch in archs:
                             fam, cfgs = configs_for(label, arch, by_name)
@@ -252,7 +264,14 @@ def main(argv=None):
                                       f"spill={rec.get('spill_bytes')} {rec.get('mma')} {rec.get('seconds')}s "
                                       f"{'OK' if rec['ok'] else 'FAIL ' + rec['problem']}", flush=True)
     total = time.time() - t_start
-    write(records, args.out, total, " ".join(sys.argv[1:] if argv is None else argv))
+    argline = " ".join(sys.argv[1:] if argv is None else argv)
+    if args.merge and only is not None and os.path.exists(args.out + ".json"):
+        with open(args.out + ".json") as f:
+            old = [r for r in json.load(f)
+                   if r["kernel"] not in only or r["arch"] not in {f"sm_{a}" for a in archs}]
+        records = old + records
+        argline = f"` then `python benchmarks/compile_report.py {argline}"
+    write(records, args.out, total, argline)
     bad = [r for r in records if not r["ok"]]
     print(f"{len(records)} compiles in {total:.0f} s, {len(bad)} failing; wrote {args.out}.md/.json")
     return 1 if bad else 0

@@ -49,9 +49,11 @@ GEMM_RNG: Dict[int, List[dict]] = {
     90: [_c(64, 32, 16, 4, 3), _c(32, 32, 16, 8, 3, 168), _c(32, 16, 16, 4, 3, 255)],
 }
 WGRAD: Dict[int, List[dict]] = {
-    80: [_c(128, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
-    # sm_90: 128x128x32 / 8 warps spills 280 B (compile report); 128x64 / 8 warps does not
-    90: [_c(128, 64, 32, 8, 3), _c(64, 128, 32, 4, 3), _c(64, 64, 32, 4, 3)],
+    # 128x128x32 / 8 warps spills in the linear's weight grad (104 B sm_80) and the conv's (280 B
+    # sm_90); 64x128x32 / 4 warps spills 200 B in the linear's on sm_90; on sm_80 ptxas caps
+    # 128x64x32 / 8 warps at 128 registers and spills 8 B unless maxnreg lifts it (compile runs)
+    80: [_c(128, 64, 32, 8, 3, 255), _c(64, 64, 32, 4, 3)],
+    90: [_c(128, 64, 32, 8, 3), _c(64, 64, 32, 4, 3)],
 }
 WGRAD_Q: Dict[int, List[dict]] = {
     80: [_c(32, 32, 32, 4, 2)],
@@ -60,11 +62,16 @@ WGRAD_Q: Dict[int, List[dict]] = {
 FAMILIES = ("GEMM", "GEMM_RNG", "WGRAD", "WGRAD_Q")
 
 
-def family(kind: str, consts: dict) -> str:
+def family(kind: str, consts: dict, elem_bytes: int = 2) -> str:
     """The config family of a launch: ``kind`` is ``"GEMM"`` (forward, input grad) or ``"WGRAD"``;
-    ``consts`` the launch's constexpr switches (see the module's family table)."""
+    ``consts`` the launch's constexpr switches (see the module's family table); ``elem_bytes`` the
+    operand size: fp32 operands (4 bytes) double the tiles' registers, and the 128-wide configs
+    spill with them (compile runs: 552 B at 128x128x64 on sm_90, 380 B at 64x128x32 on sm_80), so
+    fp32 launches take the small families."""
     if kind == "WGRAD":
-        return "WGRAD_Q" if consts.get("IN_Q") or consts.get("HAS_OMASK") else "WGRAD"
+        return "WGRAD_Q" if consts.get("IN_Q") or consts.get("HAS_OMASK") or elem_bytes > 2 else "WGRAD"
+    if elem_bytes > 2:
+        return "GEMM_RNG"
     rng = not consts.get("W_PRE") and (consts.get("NOISE_ADD") or consts.get("NOISE_MUL")
                                        or consts.get("W_CLIP"))
     epilogue = consts.get("OUT_NOISE") or consts.get("OUT_Q") or consts.get("HAS_OMASK")

@@ -293,17 +293,18 @@ def _prune(fam: str, arch: int):
 
 
 def launch_gemm(name: str, jit_fn, grid_fn, args: Sequence, consts: dict, device,
-                kind: str = "GEMM", reset_to_zero=None):
+                kind: str = "GEMM", reset_to_zero=None, elem_bytes: int = 2):
     """Launch ``jit_fn`` with the interpreter's single config, or autotuned over the configs of
     the device's arch in the family `configs.family` picks from the switches (``kind``: ``"GEMM"``
-    or ``"WGRAD"``), pruned for the shape (`configs.pruned`), keyed on `autotune_key`."""
+    or ``"WGRAD"``; ``elem_bytes``: the operands' element size), pruned for the shape
+    (`configs.pruned`), keyed on `autotune_key`."""
     if configs.interpret() or device.type != "cuda":
         cfg = dict(configs.INTERPRET_CONFIG)
         meta = {**consts, "BM": cfg["BM"], "BN": cfg["BN"], "BK": cfg["BK"]}
         jit_fn[grid_fn(meta)](*args, **meta, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return
     arch = configs.arch_of(device)
-    fam = configs.family(kind, consts)
+    fam = configs.family(kind, consts, elem_bytes)
     k = (name, arch, fam)
     if k not in _AUTOTUNED:
         cfgs = [triton.Config({"BM": c["BM"], "BN": c["BN"], "BK": c["BK"]}, num_warps=c["num_warps"],
@@ -347,7 +348,8 @@ def gemm_forward(x4: torch.Tensor, xs, weight: torch.Tensor, bias: Optional[torc
                   DOT_PREC=dot_precision(x4.dtype), GROUP_M=GROUP_M)
     grid = lambda m: (n_seg * triton.cdiv(seg, m["BM"]) * triton.cdiv(geo.Cout_g, m["BN"]), 1,  # noqa: E731
                       geo.groups)
-    launch_gemm("conv_fwd", _conv_fwd_kernel, grid, args, consts, device)  # atomic_or is idempotent
+    launch_gemm("conv_fwd", _conv_fwd_kernel, grid, args, consts, device,  # atomic_or is idempotent
+                elem_bytes=x4.element_size())
     return mask
 
 

@@ -236,7 +236,8 @@ def gemm_grad_input(g4, gs, x4, xs, weight, geo: Geometry, ys, p, instance, rows
                   NOISE_ADD=wa.noise_add, W_PRE=use_pre, HAS_OMASK=p.out_bits > 0,
                   DOT_PREC=dot_precision(x4.dtype), GROUP_M=GROUP_M)
     grid = lambda m: (n_seg * triton.cdiv(seg, m["BM"]) * triton.cdiv(Cg, m["BN"]), 1, geo.groups)  # noqa: E731
-    launch_gemm("conv_bwd_x", _conv_bwd_x_kernel, grid, args, consts, device)
+    launch_gemm("conv_bwd_x", _conv_bwd_x_kernel, grid, args, consts, device,
+                elem_bytes=x4.element_size())
 
 
 def split_rows(rows: int, groups: int, device) -> int:
@@ -269,7 +270,7 @@ def gemm_grad_weight(g4, gs, x4, xs, weight, geo: Geometry, ys, p, out_mask) -> 
     grid = lambda m: (triton.cdiv(geo.Cout_g, m["BM"]), KK * triton.cdiv(Cg, m["BN"]),  # noqa: E731
                       geo.groups * n_split)
     launch_gemm("conv_bwd_w", _conv_bwd_w_kernel, grid, args, consts, device, kind="WGRAD",
-                reset_to_zero=["gw_ptr"])
+                reset_to_zero=["gw_ptr"], elem_bytes=x4.element_size())
     return gw.to(weight.dtype)
 
 

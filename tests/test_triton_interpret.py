@@ -350,3 +350,10 @@ def test_calls_past_int32_offsets_are_declined():
     assert klin.linear_fwd(xs, wl, None, p, torch.tensor(0)) is NotImplemented
     g = torch.empty(2**16, 2**15 + 1, device="meta")
     assert klin.linear_bwd(g, xs, wl, p, torch.tensor(0), torch.empty(0), g.stride()) is NotImplemented
+
+
+def test_fp32_operands_take_the_small_families():
+    from noisyops.kernels import configs
+    assert configs.family("GEMM", dict(W_PRE=True), elem_bytes=4) == "GEMM_RNG"
+    assert configs.family("WGRAD", dict(), elem_bytes=4) == "WGRAD_Q"
+    assert configs.family("WGRAD", dict(), elem_bytes=2) == "WGRAD"
