@@ -526,7 +526,6 @@ def model_flops_bytes(model, batch, image, dt_bytes, device):
 
 
 def model_part(part: Part, device: str, dtypes, smoke: bool, quick: bool) -> dict:
-    import noisyops
     from noisyops import LayerConfig, dispatch
     batch, image, chips, chip_batch = (2, 32, 2, 2) if smoke else ((64, 224, 8, 8) if quick else (256, 224, 8, 32))
     compile_modes = ("eager",) if quick else ("eager", "compiled")
@@ -557,7 +556,6 @@ def model_part(part: Part, device: str, dtypes, smoke: bool, quick: bool) -> dic
                                     f"{rec.get('ms', rec.get('error'))}")
                     if device == "cuda":
                         torch.cuda.empty_cache()
-    _ = noisyops  # imported for convert/run_chips below
     return {"rows": rows, "skipped_for_time": part.skipped}
 
 
