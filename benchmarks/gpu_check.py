@@ -290,6 +290,20 @@ def _ulps(a, b):
 
 
 def check_part(part: Part, device: str, routes, dtypes, smoke: bool, seed: int) -> dict:
+    """Correctness of every route (module docstring). Triton runs its first pruned config without
+    autotuning here (``NOISYOPS_TRITON_AUTOTUNE=0``): one compile per specialization."""
+    saved = os.environ.get("NOISYOPS_TRITON_AUTOTUNE")
+    os.environ["NOISYOPS_TRITON_AUTOTUNE"] = "0"
+    try:
+        return _check_part(part, device, routes, dtypes, smoke, seed)
+    finally:
+        if saved is None:
+            os.environ.pop("NOISYOPS_TRITON_AUTOTUNE", None)
+        else:
+            os.environ["NOISYOPS_TRITON_AUTOTUNE"] = saved
+
+
+def _check_part(part: Part, device: str, routes, dtypes, smoke: bool, seed: int) -> dict:
     from noisyops import dispatch
     results = {"seed": seed, "stream": check_stream(device), "cases": []}
     g = torch.Generator().manual_seed(seed)
@@ -745,7 +759,7 @@ def main(argv=None) -> int:
     res = dict(command=command, budget_s=budget.total, env=environment(device), parts={})
     budget.say(f"device {res['env'].get('gpu', 'cpu')}; parts {parts}; routes {routes}; dtypes {dtypes}; seed {seed}")
     # shares of the remaining budget: check 30%, layers 45% (of what is left then), model the rest
-    shares = {"check": 0.3 if len(parts) > 1 else 1.0, "layers": 0.45 if "model" in parts else 1.0,
+    shares = {"check": 0.4 if len(parts) > 1 else 1.0, "layers": 0.45 if "model" in parts else 1.0,
               "model": 1.0}
     for name in parts:
         part = Part(budget, name, shares.get(name, 1.0) * budget.left())

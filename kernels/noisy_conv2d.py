@@ -21,6 +21,7 @@ The linear op reuses this kernel as a 1x1 convolution over rows (`noisy_linear`)
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -297,7 +298,9 @@ def launch_gemm(name: str, jit_fn, grid_fn, args: Sequence, consts: dict, device
     """Launch ``jit_fn`` with the interpreter's single config, or autotuned over the configs of
     the device's arch in the family `configs.family` picks from the switches (``kind``: ``"GEMM"``
     or ``"WGRAD"``; ``elem_bytes``: the operands' element size), pruned for the shape
-    (`configs.pruned`), keyed on `autotune_key`."""
+    (`configs.pruned`), keyed on `autotune_key`. ``NOISYOPS_TRITON_AUTOTUNE=0`` skips the
+    autotuner and runs the first pruned config (the GPU check's correctness part: one compile
+    per specialization instead of one per config, no timing runs)."""
     if configs.interpret() or device.type != "cuda":
         cfg = dict(configs.INTERPRET_CONFIG)
         meta = {**consts, "BM": cfg["BM"], "BN": cfg["BN"], "BK": cfg["BK"]}
@@ -305,6 +308,13 @@ def launch_gemm(name: str, jit_fn, grid_fn, args: Sequence, consts: dict, device
         return
     arch = configs.arch_of(device)
     fam = configs.family(kind, consts, elem_bytes)
+    if os.environ.get("NOISYOPS_TRITON_AUTOTUNE", "1").strip() == "0":
+        # no autotuning (correctness runs): the first config the pruning keeps, compiled once
+        c = configs.pruned(fam, arch, {**dict(zip(jit_fn.arg_names, args)), **consts})[0]
+        meta = {**consts, "BM": c["BM"], "BN": c["BN"], "BK": c["BK"]}
+        opts = {"maxnreg": c["maxnreg"]} if c.get("maxnreg") else {}
+        jit_fn[grid_fn(meta)](*args, **meta, num_warps=c["num_warps"], num_stages=c["num_stages"], **opts)
+        return
     k = (name, arch, fam)
     if k not in _AUTOTUNED:
         cfgs = [triton.Config({"BM": c["BM"], "BN": c["BN"], "BK": c["BK"]}, num_warps=c["num_warps"],

@@ -357,3 +357,31 @@ def test_fp32_operands_take_the_small_families():
     assert configs.family("GEMM", dict(W_PRE=True), elem_bytes=4) == "GEMM_RNG"
     assert configs.family("WGRAD", dict(), elem_bytes=4) == "WGRAD_Q"
     assert configs.family("WGRAD", dict(), elem_bytes=2) == "WGRAD"
+
+
+def test_autotune_off_launches_the_first_pruned_config(monkeypatch):
+    """NOISYOPS_TRITON_AUTOTUNE=0 (the GPU check's correctness part) launches one config, the
+    first `configs.pruned` keeps, with its warps/stages/maxnreg (host logic; a fake kernel)."""
+    import types
+    from noisyops.kernels import configs
+    launched = []
+
+    class FakeKernel:
+        arg_names = ["x_ptr", "SEG", "Cg", "Cout_g", "numel_y"]
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launched.append((grid, a, kw))
+
+    monkeypatch.setenv("NOISYOPS_TRITON_AUTOTUNE", "0")
+    monkeypatch.setattr(configs, "interpret", lambda: False)
+    monkeypatch.setattr(configs, "arch_of", lambda device: 90)
+    cuda = types.SimpleNamespace(type="cuda")
+    args = (None, 4096, 64, 64, 1)
+    kconv.launch_gemm("t", FakeKernel(), lambda m: (m["BM"],), args, dict(W_PRE=True, OUT_Q=False),
+                      cuda)
+    want = configs.pruned("GEMM", 90, dict(SEG=4096, Cg=64, Cout_g=64, numel_y=1))[0]
+    (grid, a, kw), = launched
+    assert a == args and grid == (want["BM"],)
+    assert (kw["BM"], kw["BN"], kw["BK"], kw["num_warps"], kw["num_stages"]) == (
+        want["BM"], want["BN"], want["BK"], want["num_warps"], want["num_stages"])
+    assert kw["W_PRE"] is True and ("maxnreg" in kw) == bool(want.get("maxnreg"))
