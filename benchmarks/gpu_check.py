@@ -758,7 +758,7 @@ def main(argv=None) -> int:
     command = "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv)
     res = dict(command=command, budget_s=budget.total, env=environment(device), parts={})
     budget.say(f"device {res['env'].get('gpu', 'cpu')}; parts {parts}; routes {routes}; dtypes {dtypes}; seed {seed}")
-    # shares of the remaining budget: check 30%, layers 45% (of what is left then), model the rest
+    # shares of the remaining budget: check 40%, layers 45% (of what is left then), model the rest
     shares = {"check": 0.4 if len(parts) > 1 else 1.0, "layers": 0.45 if "model" in parts else 1.0,
               "model": 1.0}
     for name in parts:
