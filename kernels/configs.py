@@ -1,18 +1,19 @@
-"""Launch configurations of the GEMM kernels: autotune lists for sm_80 (A100) and sm_90 (H100),
+"""Launch configurations of the GEMM kernels: autotune families for sm_80 (A100) and sm_90 (H100),
 and the single config used under ``TRITON_INTERPRET=1`` (the interpreter rejects multi-config
 autotune and ``do_bench``; big tiles make it fast on small test shapes).
 
 A config is ``dict(BM=, BN=, BK=, num_warps=, num_stages=, maxnreg=)`` (``maxnreg``: ptx
-``.maxnreg``; 8-warp configs get 128 and 4-warp ones 255, so ptxas does not squeeze them to 64-96
-registers and spill, as it did without it). ``benchmarks/compile_report.py``
-compiles every config of every kernel for both archs and fails on spills or shared memory over
-the device limit, so these lists are checked without a GPU.
+``.maxnreg``, so ptxas does not squeeze an 8-warp kernel to 64-96 registers and spill).
+`benchmarks/compile_report.py` compiles every config of every kernel as the JIT specializes it
+for ResNet-50 shapes, for both archs, and fails on spills or shared memory over the device limit,
+so these lists are checked without a GPU (docs/compile_report.md).
 
-Register budget: the regenerate-on-chip path keeps a ``BK x BN`` weight tile of Philox states in
-registers (4 words + counters per element), so ``BK·BN/(32·num_warps)`` elements per thread must
-stay small: the compile report showed spills at 16 and more (BM=64/128 tiles), none with
-the tiles below (<= 4 weight and <= 8 epilogue elements per thread). Larger tiles need the
-epilogue RNG split into sub-tiles first (future work).
+Register budget: the kernels that keep Philox states in registers (regenerated weights: a
+``BK x BN`` tile; output noise: a ``BM x BN`` tile, 4 words + counters per element) or carry two
+``BM x BN`` accumulators through the crossbar-tile loop spill at 64x64 and above (compile report:
+2112 B of spills at 64x64x32 / 4 warps for the forward with regenerated weights, tiles, DAC, ADC and
+output noise on sm_90); they keep the small GEMM_RNG tiles until their epilogue RNG is split into
+sub-tiles. Without in-kernel RNG the 128x128 tiles compile to wgmma / mma.sync without spills.
 """
 from __future__ import annotations
 
@@ -30,16 +31,51 @@ def _c(BM, BN, BK, w, s, maxnreg=None):
     return dict(BM=BM, BN=BN, BK=BK, num_warps=w, num_stages=s, maxnreg=maxnreg)
 
 
-# forward / input-grad GEMM: rows x out-columns, reduction over BK
+# Families, chosen per launch by `family` from the kernel's constexpr switches:
+#   GEMM      forward / input-grad GEMM without in-kernel RNG or crossbar-tile epilogue (weights
+#             from the pre-pass or noise-free): >= 128-wide tiles
+#   GEMM_RNG  the same kernels with in-register Philox (regenerated weights, output noise) or the
+#             per-tile ADC epilogue / out-mask gate: the small tiles that compile without spills
+#   WGRAD / WGRAD_Q  weight-grad GEMM (out-channels x in-channels, reduction over rows, split-K with
+#             fp32 atomics) without / with the input quantizer or out-mask gate
+# Largest tiles first; `pruned` drops the ones wider than the problem.
 GEMM: Dict[int, List[dict]] = {
-    80: [_c(32, 32, 16, 8, 2, 128), _c(32, 16, 16, 4, 2, 255)],
-    90: [_c(32, 32, 16, 8, 3, 168), _c(32, 16, 16, 4, 3, 255)],
+    80: [_c(128, 128, 32, 8, 3), _c(128, 64, 32, 4, 3), _c(64, 128, 32, 4, 3)],
+    90: [_c(128, 128, 64, 8, 3), _c(128, 64, 64, 4, 4), _c(64, 128, 64, 4, 4)],
 }
-# weight-grad GEMM: out-channels x in-channels, reduction over rows (split-K with fp32 atomics)
+GEMM_RNG: Dict[int, List[dict]] = {
+    80: [_c(32, 32, 16, 8, 2, 128), _c(32, 16, 16, 4, 2, 255)],
+    # 64x32 / 4 warps is one warpgroup: the smallest wgmma tile (64x64 spills 1744 B in the forward)
+    90: [_c(64, 32, 16, 4, 3), _c(32, 32, 16, 8, 3, 168), _c(32, 16, 16, 4, 3, 255)],
+}
 WGRAD: Dict[int, List[dict]] = {
+    # 128x128x32 / 8 warps spills in the linear's weight grad (104 B sm_80) and the conv's (280 B
+    # sm_90); 64x128x32 / 4 warps spills 200 B in the linear's on sm_90; on sm_80 ptxas caps
+    # 128x64x32 / 8 warps at 128 registers and spills 8 B unless maxnreg lifts it (compile runs)
+    80: [_c(128, 64, 32, 8, 3, 255), _c(64, 64, 32, 4, 3)],
+    90: [_c(128, 64, 32, 8, 3), _c(64, 64, 32, 4, 3)],
+}
+WGRAD_Q: Dict[int, List[dict]] = {
     80: [_c(32, 32, 32, 4, 2)],
     90: [_c(32, 32, 16, 4, 3, 255)],
 }
+FAMILIES = ("GEMM", "GEMM_RNG", "WGRAD", "WGRAD_Q")
+
+
+def family(kind: str, consts: dict, elem_bytes: int = 2) -> str:
+    """The config family of a launch: ``kind`` is ``"GEMM"`` (forward, input grad) or ``"WGRAD"``;
+    ``consts`` the launch's constexpr switches (see the module's family table); ``elem_bytes`` the
+    operand size: fp32 operands (4 bytes) double the tiles' registers, and the 128-wide configs
+    spill with them (compile runs: 552 B at 128x128x64 on sm_90, 380 B at 64x128x32 on sm_80), so
+    fp32 launches take the small families."""
+    if kind == "WGRAD":
+        return "WGRAD_Q" if consts.get("IN_Q") or consts.get("HAS_OMASK") or elem_bytes > 2 else "WGRAD"
+    if elem_bytes > 2:
+        return "GEMM_RNG"
+    rng = not consts.get("W_PRE") and (consts.get("NOISE_ADD") or consts.get("NOISE_MUL")
+                                       or consts.get("W_CLIP"))
+    epilogue = consts.get("OUT_NOISE") or consts.get("OUT_Q") or consts.get("HAS_OMASK")
+    return "GEMM_RNG" if rng or epilogue else "GEMM"
 INTERPRET_CONFIG = _c(64, 32, 32, 1, 1)
 ARCHS = (80, 90)
 
@@ -49,3 +85,30 @@ def arch_of(device) -> int:
     import torch
     major, _ = torch.cuda.get_device_capability(device)
     return 90 if major >= 9 else 80
+
+
+def _pow2_at_least(n: int, floor: int = 16) -> int:
+    v = floor
+    while v < n:
+        v *= 2
+    return v
+
+
+def pruned(fam: str, arch: int, args: dict) -> List[dict]:
+    """The configs of family ``fam`` worth timing for a launch with named arguments ``args``:
+    tiles no wider than the padded problem (``BM <= pow2(rows)``, ``BN <= pow2(columns)``,
+    ``BK <= pow2(reduction chunk)``), keeping at least the smallest config. Forward: rows = ``SEG``
+    (one segment's rows), columns = ``Cout_g``, chunk = ``Cg``; input grad: columns = ``Cg``, chunk =
+    ``Cout_g``; weight grad: rows = ``Cout_g``, columns = ``Cg``, chunk = ``rows_per_split``."""
+    cfgs = globals()[fam][arch]
+    big = 1 << 30
+    if fam.startswith("WGRAD"):
+        m, n, k = args.get("Cout_g", big), args.get("Cg", big), args.get("rows_per_split", big)
+    else:
+        fwd = "numel_y" in args
+        m = args.get("SEG", big)
+        n = args.get("Cout_g" if fwd else "Cg", big)
+        k = args.get("Cg" if fwd else "Cout_g", big)
+    keep = [c for c in cfgs if c["BM"] <= _pow2_at_least(m) and c["BN"] <= _pow2_at_least(n)
+            and c["BK"] <= _pow2_at_least(k)]
+    return keep or [min(cfgs, key=lambda c: c["BM"] * c["BN"] * c["BK"])]

@@ -21,6 +21,7 @@ The linear op reuses this kernel as a 1x1 convolution over rows (`noisy_linear`)
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -37,6 +38,23 @@ from .weight_prepass import perturb_weight, prepass, weight_args
 PER_CALL, PER_SAMPLE, PER_INSTANCE = 0, 1, 2
 SAMPLE_STRIDE = 1 << 24
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+GROUP_M = 8  # row tiles per rasterization group (consecutive programs share column tiles)
+
+
+@triton.jit
+def grouped_tile(pid, num_pid_n, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of program ``pid`` of a 1-D grid of ``num_pid_m · num_pid_n`` programs in
+    grouped order: ``GROUP_M`` consecutive row tiles sweep all column tiles together, so the
+    activation rows (and the weight column tiles) they share are re-read from L2, not DRAM."""
+    num_pid_m = tl.num_programs(0) // num_pid_n
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    return pid_m, pid_n
 
 
 @triton.jit
@@ -90,10 +108,10 @@ def _conv_fwd_kernel(
         HAS_BIAS: tl.constexpr, IN_Q: tl.constexpr, W_CLIP: tl.constexpr, W_Q: tl.constexpr,
         NOISE_MUL: tl.constexpr, NOISE_ADD: tl.constexpr, W_PRE: tl.constexpr,
         OUT_NOISE: tl.constexpr, OUT_Q: tl.constexpr, DOT_PREC: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Grid ``(segments·cdiv(SEG, BM), cdiv(Cout_g, BN), groups)``; see the module docstring."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grid ``(segments·cdiv(SEG, BM)·cdiv(Cout_g, BN), 1, groups)`` in grouped order
+    (`grouped_tile`); see the module docstring."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(Cout_g, BN), GROUP_M)
     grp = tl.program_id(2)
     tiles_per_seg = tl.cdiv(SEG, BM)
     seg = pid_m // tiles_per_seg
@@ -251,23 +269,59 @@ def tiling(p, Cg: int, KK: int) -> Tuple[int, int]:
 
 
 _AUTOTUNED = {}
+# scalar arguments that change neither the best tile nor the code: noise key words and the float
+# layer parameters (the autotuner's cache key is built from every other argument)
+_NOT_IN_KEY = ("k0_", "k1_", "c3_")
 
 
-def launch_gemm(name: str, jit_fn, grid_fn, args: Sequence, consts: dict, key: Sequence[str],
-                device, family: str = "GEMM", prune=None, reset_to_zero=None):
+def autotune_key(jit_fn, consts: dict) -> List[str]:
+    """Names the autotuner keys on: every int argument (shapes, strides, padding, dilation,
+    segment/tile sizes) and every constexpr switch; Triton adds the tensors' dtypes itself."""
+    floats = ("lo", "hi", "delta", "eta_mul", "sigma", "out_noise")
+    names = [n for n in jit_fn.arg_names if not n.endswith("_ptr") and n not in _NOT_IN_KEY
+             and not n.endswith(floats) and n not in ("BM", "BN", "BK")]
+    return names + [n for n in sorted(consts) if n not in names]
+
+
+def _prune(fam: str, arch: int):
+    """``early_config_prune`` for `triton.autotune`: `configs.pruned` on the launch's arguments."""
+    def prune(cfgs, named_args, **kwargs):
+        keep = configs.pruned(fam, arch, {**named_args, **kwargs})
+        tiles = {(c["BM"], c["BN"], c["BK"], c["num_warps"], c["num_stages"]) for c in keep}
+        return [c for c in cfgs if (c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_warps,
+                                    c.num_stages) in tiles]
+    return prune
+
+
+def launch_gemm(name: str, jit_fn, grid_fn, args: Sequence, consts: dict, device,
+                kind: str = "GEMM", reset_to_zero=None, elem_bytes: int = 2):
     """Launch ``jit_fn`` with the interpreter's single config, or autotuned over the configs of
-    the device's arch (`configs.GEMM` / `configs.WGRAD`)."""
+    the device's arch in the family `configs.family` picks from the switches (``kind``: ``"GEMM"``
+    or ``"WGRAD"``; ``elem_bytes``: the operands' element size), pruned for the shape
+    (`configs.pruned`), keyed on `autotune_key`. ``NOISYOPS_TRITON_AUTOTUNE=0`` skips the
+    autotuner and runs the first pruned config (the GPU check's correctness part: one compile
+    per specialization instead of one per config, no timing runs)."""
     if configs.interpret() or device.type != "cuda":
         cfg = dict(configs.INTERPRET_CONFIG)
         meta = {**consts, "BM": cfg["BM"], "BN": cfg["BN"], "BK": cfg["BK"]}
         jit_fn[grid_fn(meta)](*args, **meta, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return
     arch = configs.arch_of(device)
-    k = (name, arch)
+    fam = configs.family(kind, consts, elem_bytes)
+    if os.environ.get("NOISYOPS_TRITON_AUTOTUNE", "1").strip() == "0":
+        # no autotuning (correctness runs): the first config the pruning keeps, compiled once
+        c = configs.pruned(fam, arch, {**dict(zip(jit_fn.arg_names, args)), **consts})[0]
+        meta = {**consts, "BM": c["BM"], "BN": c["BN"], "BK": c["BK"]}
+        opts = {"maxnreg": c["maxnreg"]} if c.get("maxnreg") else {}
+        jit_fn[grid_fn(meta)](*args, **meta, num_warps=c["num_warps"], num_stages=c["num_stages"], **opts)
+        return
+    k = (name, arch, fam)
     if k not in _AUTOTUNED:
         cfgs = [triton.Config({"BM": c["BM"], "BN": c["BN"], "BK": c["BK"]}, num_warps=c["num_warps"],
-                              num_stages=c["num_stages"], maxnreg=c.get("maxnreg")) for c in getattr(configs, family)[arch]]
-        _AUTOTUNED[k] = triton.autotune(cfgs, key=list(key), reset_to_zero=reset_to_zero)(jit_fn)
+                              num_stages=c["num_stages"], maxnreg=c.get("maxnreg"))
+                for c in getattr(configs, fam)[arch]]
+        _AUTOTUNED[k] = triton.autotune(cfgs, key=autotune_key(jit_fn, consts), reset_to_zero=reset_to_zero,
+                                        prune_configs_by={"early_config_prune": _prune(fam, arch)})(jit_fn)
     _AUTOTUNED[k][grid_fn](*args, **consts)
 
 
@@ -301,24 +355,32 @@ def gemm_forward(x4: torch.Tensor, xs, weight: torch.Tensor, bias: Optional[torc
     consts = dict(HAS_BIAS=bias is not None, IN_Q=p.in_bits > 0, W_CLIP=wa.clip, W_Q=wa.quant,
                   NOISE_MUL=wa.noise_mul, NOISE_ADD=wa.noise_add, W_PRE=use_pre,
                   OUT_NOISE=tiled and p.out_noise > 0, OUT_Q=p.out_bits > 0,
-                  DOT_PREC=dot_precision(x4.dtype))
-    grid = lambda m: (n_seg * triton.cdiv(seg, m["BM"]), triton.cdiv(geo.Cout_g, m["BN"]), geo.groups)  # noqa: E731
-    launch_gemm("conv_fwd", _conv_fwd_kernel, grid, args, consts,
-                key=["Cg", "Cout_g", "KH", "KW", "SEG"], device=device)  # atomic_or is idempotent
+                  DOT_PREC=dot_precision(x4.dtype), GROUP_M=GROUP_M)
+    grid = lambda m: (n_seg * triton.cdiv(seg, m["BM"]) * triton.cdiv(geo.Cout_g, m["BN"]), 1,  # noqa: E731
+                      geo.groups)
+    launch_gemm("conv_fwd", _conv_fwd_kernel, grid, args, consts, device,  # atomic_or is idempotent
+                elem_bytes=x4.element_size())
     return mask
 
 
-def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+INDEX_LIMIT = 1 << 31  # the kernels' element offsets are int32 (noise indices and slots: int64)
+
+
+def supported(x: torch.Tensor, weight: torch.Tensor, *others: int) -> bool:
+    """True when the kernels can run this call: a supported dtype, non-empty tensors, and every
+    tensor (``x``, ``weight``, and the element counts ``others``: outputs, incoming gradients)
+    below 2^31 elements, so no int32 offset can overflow (larger calls are declined)."""
+    sizes = (x.numel(), weight.numel()) + tuple(int(n) for n in others)
     return (x.dtype in SUPPORTED_DTYPES and weight.dtype == x.dtype and x.numel() > 0
-            and weight.numel() > 0)
+            and weight.numel() > 0 and max(sizes) < INDEX_LIMIT)
 
 
 def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, p, instance):
     """Glue with the signature of `noisyops.reference.conv2d_fwd`: ``(y, out_mask)``; y in x's
     memory format (channels-last in, channels-last out). Returns NotImplemented for float64."""
-    if not supported(x, weight):
-        return NotImplemented
     geo = conv_geometry(x, weight, stride, padding, dilation, groups)
+    if not supported(x, weight, geo.rows * geo.C_out):
+        return NotImplemented
     fmt = memory_format_of(x)
     xk = x if (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)) else \
         x.contiguous(memory_format=torch.channels_last)

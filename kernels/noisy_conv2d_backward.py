@@ -28,7 +28,8 @@ import triton.language as tl
 from noisyops.reference import memory_format_of
 
 from . import configs, cost_model
-from .noisy_conv2d import (Geometry, dot_precision, launch_gemm, nhwc_strides, segments, tiling)
+from .noisy_conv2d import (GROUP_M, Geometry, dot_precision, grouped_tile, launch_gemm, nhwc_strides,
+                           segments, tiling)
 from .quantize import in_range, qparams, quantize
 from .stream import u32_as_i32
 from .weight_prepass import perturb_weight, prepass, weight_args
@@ -44,10 +45,11 @@ def _conv_bwd_x_kernel(
         in_lo, in_hi, w_lo, w_hi, w_delta, eta_mul, sigma, k0_, k1_, c3_,
         IN_Q: tl.constexpr, W_CLIP: tl.constexpr, W_Q: tl.constexpr, NOISE_MUL: tl.constexpr,
         NOISE_ADD: tl.constexpr, W_PRE: tl.constexpr, HAS_OMASK: tl.constexpr,
-        DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Grid ``(segments·cdiv(SEG, BM), cdiv(Cg, BN), groups)``; see the module docstring."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+        DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        GROUP_M: tl.constexpr):
+    """Grid ``(segments·cdiv(SEG, BM)·cdiv(Cg, BN), 1, groups)`` in grouped order
+    (`grouped_tile`); see the module docstring."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(Cg, BN), GROUP_M)
     grp = tl.program_id(2)
     tiles_per_seg = tl.cdiv(SEG, BM)
     seg = pid_m // tiles_per_seg
@@ -232,10 +234,10 @@ def gemm_grad_input(g4, gs, x4, xs, weight, geo: Geometry, ys, p, instance, rows
             u32_as_i32(p.seed_lo), u32_as_i32(p.seed_hi), u32_as_i32(4 * p.layer_key))
     consts = dict(IN_Q=p.in_bits > 0, W_CLIP=wa.clip, W_Q=wa.quant, NOISE_MUL=wa.noise_mul,
                   NOISE_ADD=wa.noise_add, W_PRE=use_pre, HAS_OMASK=p.out_bits > 0,
-                  DOT_PREC=dot_precision(x4.dtype))
-    grid = lambda m: (n_seg * triton.cdiv(seg, m["BM"]), triton.cdiv(Cg, m["BN"]), geo.groups)  # noqa: E731
-    launch_gemm("conv_bwd_x", _conv_bwd_x_kernel, grid, args, consts,
-                key=["Cg", "Cout_g", "KH", "KW", "SEG"], device=device)
+                  DOT_PREC=dot_precision(x4.dtype), GROUP_M=GROUP_M)
+    grid = lambda m: (n_seg * triton.cdiv(seg, m["BM"]) * triton.cdiv(Cg, m["BN"]), 1, geo.groups)  # noqa: E731
+    launch_gemm("conv_bwd_x", _conv_bwd_x_kernel, grid, args, consts, device,
+                elem_bytes=x4.element_size())
 
 
 def split_rows(rows: int, groups: int, device) -> int:
@@ -267,9 +269,8 @@ def gemm_grad_weight(g4, gs, x4, xs, weight, geo: Geometry, ys, p, out_mask) -> 
                   DOT_PREC=dot_precision(x4.dtype))
     grid = lambda m: (triton.cdiv(geo.Cout_g, m["BM"]), KK * triton.cdiv(Cg, m["BN"]),  # noqa: E731
                       geo.groups * n_split)
-    launch_gemm("conv_bwd_w", _conv_bwd_w_kernel, grid, args, consts,
-                key=["Cg", "Cout_g", "KH", "KW", "rows_per_split"], device=device, family="WGRAD",
-                reset_to_zero=["gw_ptr"])
+    launch_gemm("conv_bwd_w", _conv_bwd_w_kernel, grid, args, consts, device, kind="WGRAD",
+                reset_to_zero=["gw_ptr"], elem_bytes=x4.element_size())
     return gw.to(weight.dtype)
 
 
@@ -278,7 +279,7 @@ def conv2d_bwd(grad_y, x, weight, stride, padding, dilation, groups, p, instance
     """Glue with the signature of `noisyops.reference.conv2d_bwd`: ``(grad_x|None, grad_w|None)``;
     grad_x in x's memory format. NotImplemented for float64."""
     from .noisy_conv2d import conv_geometry, supported
-    if not supported(x, weight) or grad_y.dtype != x.dtype:
+    if not supported(x, weight, grad_y.numel()) or grad_y.dtype != x.dtype:
         return NotImplemented
     geo = conv_geometry(x, weight, stride, padding, dilation, groups)
     ys = (y_stride[0], y_stride[2], y_stride[3], y_stride[1])

@@ -27,7 +27,7 @@ def linear_fwd(x, weight, bias, p, instance):
     if x.dim() == 1:
         out = linear_fwd(x.unsqueeze(0), weight, bias, p, instance)
         return out if out is NotImplemented else (out[0].squeeze(0), out[1])
-    if not supported(x, weight):
+    if not supported(x, weight, x.numel() // x.shape[-1] * weight.shape[0]):
         return NotImplemented
     n, k = x.shape[0], x.shape[-1]
     out_f = weight.shape[0]
@@ -52,7 +52,7 @@ def linear_bwd(grad_y, x, weight, p, instance, out_mask, y_stride, needs_input_g
         if out is NotImplemented:
             return out
         return (out[0].squeeze(0) if out[0] is not None else None), out[1]
-    if not supported(x, weight) or grad_y.dtype != x.dtype:
+    if not supported(x, weight, grad_y.numel()) or grad_y.dtype != x.dtype:
         return NotImplemented
     shape = tuple(grad_y.shape)
     dense = [1] * len(shape)

@@ -308,3 +308,80 @@ def test_gpu_policy_declines_to_cuda_backend(monkeypatch):
     cpu = torch.zeros(1)
     assert tb._policy_declines("conv2d_fwd", OpParams(), cpu, None) is False  # CPU: never consulted
     assert calls == ["conv2d_fwd", "linear_fwd"]
+
+
+# ---- autotune keys and config pruning (host side, no compile) ----------------------------------
+def test_autotune_key_has_every_switch_stride_and_padding():
+    key = kconv.autotune_key(kconv._conv_fwd_kernel, dict(HAS_BIAS=True, IN_Q=False, W_PRE=True,
+                                                           OUT_Q=True, DOT_PREC="ieee"))
+    for name in ("sxn", "sxh", "sxw", "sxc", "syc", "stride_h", "stride_w", "pad_h", "pad_w",
+                 "dil_h", "dil_w", "Cg", "Cout_g", "KH", "KW", "SEG", "T", "per_tile",
+                 "HAS_BIAS", "IN_Q", "W_PRE", "OUT_Q", "DOT_PREC"):
+        assert name in key, name
+    assert not {"k0_", "k1_", "c3_", "x_ptr", "sigma", "out_lo", "BM"} & set(key)
+    keyb = kconv.autotune_key(kconvb._conv_bwd_w_kernel, dict(IN_Q=True, HAS_OMASK=False))
+    assert {"rows_per_split", "sgc", "sxc", "pad_w", "IN_Q", "HAS_OMASK"} <= set(keyb)
+
+
+def test_config_families_and_pruning():
+    from noisyops.kernels import configs
+    assert configs.family("GEMM", dict(W_PRE=True, NOISE_ADD=True)) == "GEMM"
+    assert configs.family("GEMM", dict(W_PRE=False, NOISE_ADD=True)) == "GEMM_RNG"
+    assert configs.family("GEMM", dict(W_PRE=True, OUT_Q=True)) == "GEMM_RNG"
+    assert configs.family("WGRAD", dict(IN_Q=True)) == "WGRAD_Q"
+    for arch in configs.ARCHS:
+        big = configs.pruned("GEMM", arch, dict(SEG=50176, Cout_g=256, Cg=256, numel_y=1))
+        assert big == configs.GEMM[arch]
+        narrow = configs.pruned("GEMM", arch, dict(SEG=50176, Cout_g=64, Cg=64, numel_y=1))
+        assert narrow and all(c["BN"] <= 64 for c in narrow)
+        tiny = configs.pruned("GEMM", arch, dict(SEG=3, Cout_g=5, Cg=2, numel_y=1))
+        assert len(tiny) == 1  # nothing fits: the smallest config is kept
+
+
+def test_calls_past_int32_offsets_are_declined():
+    """Element offsets are int32 in the kernels: a tensor of >= 2^31 elements is declined (the
+    next backend runs; forced triton raises), never silently wrapped."""
+    p = OpParams()
+    x = torch.empty(1, 1, 2**16, 2**15, device="meta")  # 2^31 elements
+    w = torch.empty(1, 1, 1, 1, device="meta")
+    assert kconv.conv2d_fwd(x, w, None, [1, 1], [0, 0], [1, 1], 1, p, torch.tensor(0)) is NotImplemented
+    xs = torch.empty(2**16, 2**6, device="meta")
+    wl = torch.empty(2**15 + 1, 2**6, device="meta")  # output [2^16, 2^15 + 1] passes 2^31
+    assert klin.linear_fwd(xs, wl, None, p, torch.tensor(0)) is NotImplemented
+    g = torch.empty(2**16, 2**15 + 1, device="meta")
+    assert klin.linear_bwd(g, xs, wl, p, torch.tensor(0), torch.empty(0), g.stride()) is NotImplemented
+
+
+def test_fp32_operands_take_the_small_families():
+    from noisyops.kernels import configs
+    assert configs.family("GEMM", dict(W_PRE=True), elem_bytes=4) == "GEMM_RNG"
+    assert configs.family("WGRAD", dict(), elem_bytes=4) == "WGRAD_Q"
+    assert configs.family("WGRAD", dict(), elem_bytes=2) == "WGRAD"
+
+
+def test_autotune_off_launches_the_first_pruned_config(monkeypatch):
+    """NOISYOPS_TRITON_AUTOTUNE=0 (the GPU check's correctness part) launches one config, the
+    first `configs.pruned` keeps, with its warps/stages/maxnreg (host logic; a fake kernel)."""
+    import types
+    from noisyops.kernels import configs
+    launched = []
+
+    class FakeKernel:
+        arg_names = ["x_ptr", "SEG", "Cg", "Cout_g", "numel_y"]
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launched.append((grid, a, kw))
+
+    monkeypatch.setenv("NOISYOPS_TRITON_AUTOTUNE", "0")
+    monkeypatch.setattr(configs, "interpret", lambda: False)
+    monkeypatch.setattr(configs, "arch_of", lambda device: 90)
+    cuda = types.SimpleNamespace(type="cuda")
+    args = (None, 4096, 64, 64, 1)
+    kconv.launch_gemm("t", FakeKernel(), lambda m: (m["BM"],), args, dict(W_PRE=True, OUT_Q=False),
+                      cuda)
+    want = configs.pruned("GEMM", 90, dict(SEG=4096, Cg=64, Cout_g=64, numel_y=1))[0]
+    (grid, a, kw), = launched
+    assert a == args and grid == (want["BM"],)
+    assert (kw["BM"], kw["BN"], kw["BK"], kw["num_warps"], kw["num_stages"]) == (
+        want["BM"], want["BN"], want["BK"], want["num_warps"], want["num_stages"])
+    assert kw["W_PRE"] is True and ("maxnreg" in kw) == bool(want.get("maxnreg"))
