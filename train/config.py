@@ -35,8 +35,10 @@ DEFAULTS: Dict[str, Any] = {
     "quant": {"w_bits": 8, "in_bits": 8, "out_bits": 8, "calib_batches": 10, "lo_pct": 0.1,
               "hi_pct": 99.9},
     # noisy student: η (additive, σ = η·(w_max − w_min)), optional per-step η ~ N(eta, eta_std)
+    # clean_grad_input: backward through the noise-free weights (the paper's "gradients are
+    # calculated with clean weights"); False = through the noisy weights
     "student": dict(_STAGE, eta=0.1, eta_std=0.0, eta_mul=0.0, alpha=1.0, T=6.0, epochs=2, lr=0.01,
-                    teacher="clean"),   # teacher for distillation: clean | finetuned
+                    teacher="clean", clean_grad_input=False),   # teacher for distillation: clean | finetuned
     # noisy evaluation over chips (per_instance noise): the student and the baselines
     "eval": {"etas": [0.0, 0.05, 0.1, 0.2, 0.3], "chips": 10, "group_size": 10, "batch_size": 1000,
              "test_limit": None, "baseline": True},

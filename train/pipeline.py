@@ -179,7 +179,8 @@ def train_student(c: Context, s: Dict[str, Any], ckpt_dir: str) -> nn.Module:
     """Stage 4: a noisy student from ``c.ft`` with the student settings ``s`` (see DEFAULTS["student"])."""
     import noisyops
     student = copy.deepcopy(c.ft)
-    _set_layers(student, eta=float(s["eta"]), eta_mul=float(s["eta_mul"]), sampling="per_call")
+    _set_layers(student, eta=float(s["eta"]), eta_mul=float(s["eta_mul"]), sampling="per_call",
+                clean_grad_input=bool(s.get("clean_grad_input", False)))
     t_model = c.teacher if s["teacher"] == "clean" else noisyops.export_clean(c.ft).eval()
     sc = StageConfig(name="student", epochs=int(s["epochs"]), lr=float(s["lr"]), momentum=float(s["momentum"]),
                      weight_decay=float(s["weight_decay"]), nesterov=bool(s["nesterov"]),
