@@ -9,9 +9,20 @@ heat map of the checkpoints given by ``--grid``), ``biasvar`` (loss decompositio
 η), ``walking`` (per-layer Walking Noise). Writes ``results.json``, one CSV per analysis, PNG figures
 and ``report.md`` into ``--out``. See docs/evaluation.md for what every number means.
 
+Model (``--model``): a built-in name (``lenet5``, ``resnet20/32/44/56``), ``torchvision:NAME``,
+``timm:NAME`` or ``package.module:factory`` (`noisyops.zoo`); ``--model-kwargs`` (JSON) go to the
+constructor, ``--weights`` names the library's pretrained weights (fetched by that library).
+
 Checkpoint: a plain ``state_dict`` of the clean model, or of the converted model, or a dict holding
 one under ``"model"`` / ``"state_dict"`` (the training checkpoints); ``--checkpoint pretrained``
-loads ``../shared/weights/<model>_cifar10.pt`` for the CIFAR ResNets.
+loads ``../shared/weights/<model>_cifar10.pt`` for the CIFAR ResNets; ``--checkpoint none`` keeps
+the constructor's own weights.
+
+Dataset (``--dataset``): ``mnist``, ``cifar10`` (under ``--data-root``), or ``imagefolder:PATH``:
+``PATH/val`` (or ``PATH`` itself) as the test set, ``PATH/train`` for calibration when present; the
+images are resized (shorter side ``--resize``, default 256), centre-cropped to ``--image-size``
+(default 224) and normalised with ``--mean``/``--std`` (default ImageNet's). Nothing is downloaded
+unless ``--download``.
 """
 from __future__ import annotations
 
@@ -26,7 +37,7 @@ from typing import List, Optional
 
 import torch
 
-_MODELS = ("lenet5", "resnet20", "resnet32", "resnet44", "resnet56")
+from .zoo import BUILTIN_MODELS as _MODELS
 _WHAT = ("eval", "sweep", "grid", "biasvar", "mi", "walking")
 
 
@@ -55,11 +66,27 @@ def _w_range(s: Optional[str]):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m noisyops.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=_MODELS)
+    p.add_argument("--model", required=True,
+                   help=f"{'|'.join(_MODELS)}, torchvision:NAME, timm:NAME or package.module:factory")
+    p.add_argument("--model-kwargs", default=None,
+                   help='JSON keyword arguments of the constructor, e.g. \'{"num_classes": 10}\'')
+    p.add_argument("--weights", default=None,
+                   help="the library's pretrained weights: torchvision enum name (DEFAULT, IMAGENET1K_V1), "
+                        "timm: any value = pretrained=True (downloads unless cached)")
     p.add_argument("--checkpoint", required=True,
-                   help="state_dict path (clean or converted, or a training checkpoint), or 'pretrained'")
-    p.add_argument("--dataset", required=True, choices=("mnist", "cifar10"))
-    p.add_argument("--data-root", default=None, help="dataset folder (default ../shared/data)")
+                   help="state_dict path (clean or converted, or a training checkpoint), 'pretrained' "
+                        "(the CIFAR ResNets of ../shared/weights) or 'none' (the constructor's own weights)")
+    p.add_argument("--dataset", required=True,
+                   help="mnist | cifar10 | imagefolder:PATH (PATH/val or PATH; PATH/train calibrates)")
+    p.add_argument("--data-root", default=None,
+                   help="folder of mnist / cifar10 (default $NOISYOPS_DATA, else ../shared/data)")
+    p.add_argument("--download", action="store_true",
+                   help="let torchvision download mnist / cifar10 into --data-root when missing")
+    p.add_argument("--resize", type=int, default=256, help="imagefolder: shorter side resized to this")
+    p.add_argument("--image-size", type=int, default=224, help="imagefolder: centre crop size")
+    p.add_argument("--mean", default="0.485,0.456,0.406", help="imagefolder: normalisation mean")
+    p.add_argument("--std", default="0.229,0.224,0.225", help="imagefolder: normalisation std")
+    p.add_argument("--grayscale", action="store_true", help="imagefolder: convert images to 1 channel")
     p.add_argument("--limit", type=int, default=None, help="use the first N test samples")
     p.add_argument("--batch-size", type=int, default=1000,
                    help="test images per forward (before chip replication: rows = group·batch)")
@@ -115,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_state(path: str, model_name: str):
     if path == "pretrained":
+        if model_name not in ("resnet20", "resnet32"):
+            raise SystemExit(f"--checkpoint pretrained: only resnet20 / resnet32 have shared weights, "
+                             f"not {model_name!r}; give a state_dict path or 'none'")
         path = os.path.join(_shared_dir(), "weights", f"{model_name}_cifar10.pt")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -137,13 +167,25 @@ def _shared_dir() -> str:
 def build_model(args, checkpoint: Optional[str] = None):
     """The clean architecture, converted with the CLI's `LayerConfig`, checkpoint loaded."""
     import noisyops
-    from noisyops import models
     from .config import LayerConfig
-    net = getattr(models, args.model)()
-    state, path = _load_state(checkpoint or args.checkpoint, args.model)
+    from .zoo import build_network
+    try:
+        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    except ValueError as e:
+        raise SystemExit(f"--model-kwargs {args.model_kwargs!r}: expected a JSON object ({e})")
+    if not isinstance(kwargs, dict):
+        raise SystemExit(f"--model-kwargs {args.model_kwargs!r}: expected a JSON object")
+    try:
+        net = build_network(args.model, weights=args.weights, kwargs=kwargs)
+    except (ValueError, ImportError) as e:
+        raise SystemExit(f"--model: {e}")
     cfg = LayerConfig(eta=args.eta, eta_mul=args.eta_mul, out_noise=args.out_noise,
                       w_range=_w_range(args.w_range), w_bits=args.w_bits, in_bits=args.in_bits,
                       out_bits=args.out_bits, tile_rows=args.tile_rows)
+    ck = checkpoint or args.checkpoint
+    if ck.lower() == "none":
+        return noisyops.convert(net, cfg, seed=args.seed).eval(), cfg, "none (the constructor's weights)"
+    state, path = _load_state(ck, args.model)
     try:  # a clean state_dict: load before conversion so ranges (w_range = k) see the real weights
         net.load_state_dict(state)
         model = noisyops.convert(net, cfg, seed=args.seed)
@@ -157,10 +199,26 @@ def build_model(args, checkpoint: Optional[str] = None):
 def load_data(args, train: bool = False, limit: Optional[int] = None):
     """Test (or training) split as a list of ``(x, y)`` batches, via `noisyops.training.data`."""
     from .evaluation import as_batches
-    from .training.data import build_dataset
-    root = args.data_root or os.path.join(_shared_dir(), "data")
-    pad = 2 if (args.dataset == "mnist" and _lenet_input_size() == 32) else 0
-    ds = build_dataset(args.dataset, root, train=train, augment=False, pad=pad, limit=limit)
+    from .training.data import DatasetNotFoundError, build_dataset, default_data_root, image_folder_dataset
+    dataset = args.dataset
+    try:
+        if dataset.startswith("imagefolder:"):
+            ds = image_folder_dataset(dataset.partition(":")[2], train=train, resize=args.resize,
+                                      crop=args.image_size, mean=_floats(args.mean), std=_floats(args.std),
+                                      grayscale=getattr(args, "grayscale", False))
+            if ds is None:  # no PATH/train: calibrate on the first test images
+                ds = image_folder_dataset(dataset.partition(":")[2], train=False, resize=args.resize,
+                                          crop=args.image_size, mean=_floats(args.mean), std=_floats(args.std),
+                                          grayscale=getattr(args, "grayscale", False))
+            return as_batches(ds, args.batch_size, limit=limit)
+        if dataset not in ("mnist", "cifar10"):
+            raise SystemExit(f"--dataset {dataset!r}: expected mnist, cifar10 or imagefolder:PATH")
+        root = args.data_root or default_data_root()
+        pad = 2 if (dataset == "mnist" and _lenet_input_size() == 32) else 0
+        ds = build_dataset(dataset, root, train=train, augment=False, pad=pad, limit=limit,
+                           download=getattr(args, "download", False))
+    except DatasetNotFoundError as e:
+        raise SystemExit(f"--dataset {dataset}: {e}")
     x, y = ds[list(range(len(ds)))]
     return as_batches((x, y), args.batch_size)
 

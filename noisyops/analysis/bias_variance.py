@@ -140,7 +140,7 @@ def bias_variance_sweep(model: nn.Module, data, ratios: Sequence[float], *, n_in
     noisy_layers(model)
     it = rs
     if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(rs, desc="bias/variance", unit="ratio")
+        from ..progress import progress_iter
+        it = progress_iter(rs, desc="bias/variance", unit="ratio")
     return [bias_variance(model, batches, r, n_instances=n_instances, group_size=group_size,
                           chip_offset=chip_offset) for r in it]

@@ -137,8 +137,8 @@ def mutual_information_sweep(model: nn.Module, data, levels: Sequence[float], *,
         rows: List[dict] = []
         it = lv
         if progress:
-            from tqdm.auto import tqdm
-            it = tqdm(lv, desc="mutual information", unit="level")
+            from ..progress import progress_iter
+            it = progress_iter(lv, desc="mutual information", unit="level")
         with configs_restored(model):
             for s in it:
                 set_noise(model, s, kind, target)
