@@ -120,10 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--grid", default=None,
                    help="for --what grid: comma list of train_eta=checkpoint (models trained at each η); "
                         "evaluated at every --sweep-etas, drawn as a heat map")
-    a.add_argument("--ratios", default="0,0.2,0.4,0.6,0.8,1.0,1.2", help="σ_N/σ_W for biasvar")
-    a.add_argument("--instances", type=int, default=20, help="noise instances for biasvar")
-    a.add_argument("--mi-levels", default="0,0.01,0.02,0.04,0.08,0.16", help="η levels for mi")
-    a.add_argument("--mi-repeats", type=int, default=20)
+    a.add_argument("--ratios", default="0,0.2,0.4,0.5,0.6,0.7,0.8,1.0,1.2", help="σ_N/σ_W for biasvar")
+    a.add_argument("--instances", type=int, default=100, help="noise instances for biasvar (paper: 100)")
+    a.add_argument("--biasvar-loss", default="squared", choices=("squared", "log"),
+                   help="squared: the paper's squared error of the softmax vector (eq. 1-5); "
+                        "log: the log-loss (Heskes) decomposition")
+    a.add_argument("--mi-levels", default="0,0.025,0.05,0.1,0.2,0.4,0.8,1.6",
+                   help="η levels for mi (the default reaches the decay of a trained LeNet-5)")
+    a.add_argument("--mi-repeats", type=int, default=100, help="noisy inferences per input (paper: 100)")
+    a.add_argument("--mi-inputs", type=int, default=200, help="inputs for mi (paper: 200)")
+    a.add_argument("--mi-split", default="train", choices=("train", "test"),
+                   help="mi inputs: random training images (paper) or the first test images")
     a.add_argument("--mi-output", default="softmax", choices=("softmax", "logits"))
     a.add_argument("--bins", type=int, default=4)
     a.add_argument("--walk", default="additive:weights",
@@ -196,31 +203,49 @@ def build_model(args, checkpoint: Optional[str] = None):
     return model, cfg, path
 
 
-def load_data(args, train: bool = False, limit: Optional[int] = None):
-    """Test (or training) split as a list of ``(x, y)`` batches, via `noisyops.training.data`."""
-    from .evaluation import as_batches
+def _dataset(args, train: bool):
+    """The dataset object of ``--dataset`` (mnist / cifar10: `build_dataset`; imagefolder:PATH:
+    `image_folder_dataset`, its ``PATH/train`` falling back to the test tree for ``train=True``)."""
     from .training.data import DatasetNotFoundError, build_dataset, default_data_root, image_folder_dataset
     dataset = args.dataset
     try:
         if dataset.startswith("imagefolder:"):
-            ds = image_folder_dataset(dataset.partition(":")[2], train=train, resize=args.resize,
-                                      crop=args.image_size, mean=_floats(args.mean), std=_floats(args.std),
-                                      grayscale=getattr(args, "grayscale", False))
-            if ds is None:  # no PATH/train: calibrate on the first test images
-                ds = image_folder_dataset(dataset.partition(":")[2], train=False, resize=args.resize,
-                                          crop=args.image_size, mean=_floats(args.mean), std=_floats(args.std),
-                                          grayscale=getattr(args, "grayscale", False))
-            return as_batches(ds, args.batch_size, limit=limit)
+            kw = dict(resize=args.resize, crop=args.image_size, mean=_floats(args.mean), std=_floats(args.std),
+                      grayscale=getattr(args, "grayscale", False))
+            path = dataset.partition(":")[2]
+            ds = image_folder_dataset(path, train=train, **kw)
+            return ds if ds is not None else image_folder_dataset(path, train=False, **kw)
         if dataset not in ("mnist", "cifar10"):
             raise SystemExit(f"--dataset {dataset!r}: expected mnist, cifar10 or imagefolder:PATH")
         root = args.data_root or default_data_root()
         pad = 2 if (dataset == "mnist" and _lenet_input_size() == 32) else 0
-        ds = build_dataset(dataset, root, train=train, augment=False, pad=pad, limit=limit,
-                           download=getattr(args, "download", False))
+        return build_dataset(dataset, root, train=train, augment=False, pad=pad,
+                             download=getattr(args, "download", False))
     except DatasetNotFoundError as e:
         raise SystemExit(f"--dataset {dataset}: {e}")
-    x, y = ds[list(range(len(ds)))]
-    return as_batches((x, y), args.batch_size)
+
+
+def load_data(args, train: bool = False, limit: Optional[int] = None):
+    """Test (or training) split as a list of ``(x, y)`` batches (the first ``limit`` samples).
+    ``imagefolder:PATH`` without ``PATH/train`` gives the test images for ``train=True`` (calibration)."""
+    from .evaluation import as_batches
+    return as_batches(_dataset(args, train), args.batch_size, limit=limit)
+
+
+def load_sample(args, n: int, seed: int = 0):
+    """``n`` random training images (indices ``randperm(N, generator=manual_seed(seed))[:n]``, in
+    that order) as a batch list, e.g. the paper's 200 training images of the MI estimate."""
+    from .evaluation import as_batches
+    ds = _dataset(args, train=True)
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(int(seed)))[:n].tolist()
+    return as_batches(torch.utils.data.Subset(ds, idx), args.batch_size)
+
+
+def as_batches_of(batches, n: int):
+    """The first ``n`` samples of a batch list, as one batch."""
+    x = torch.cat([b[0] for b in batches])[:n]
+    y = torch.cat([b[1] for b in batches])[:n]
+    return [(x, y)]
 
 
 def _lenet_input_size() -> int:
@@ -333,14 +358,18 @@ def main(argv: Optional[List[str]] = None) -> dict:
         figures["grid"] = plots.plot_heatmap(gr, os.path.join(out, "grid.png"))
     if "biasvar" in what:
         bv = bias_variance_sweep(model, batches, _floats(args.ratios), n_instances=args.instances,
-                                 group_size=args.group, chip_offset=args.chip_offset, progress=progress)
+                                 group_size=args.group, chip_offset=args.chip_offset, progress=progress,
+                                 loss=args.biasvar_loss)
         results["biasvar"] = bv
         _write_csv(os.path.join(out, "biasvar.csv"), bv)
         figures["biasvar"] = plots.plot_bias_variance(bv, os.path.join(out, "biasvar.png"))
     if "mi" in what:
-        mi = mutual_information_sweep(model, batches, _floats(args.mi_levels), n_repeats=args.mi_repeats,
+        mi_data = (load_sample(args, args.mi_inputs, seed=args.seed) if args.mi_split == "train"
+                   else as_batches_of(batches, args.mi_inputs))
+        mi = mutual_information_sweep(model, mi_data, _floats(args.mi_levels), n_repeats=args.mi_repeats,
                                       bins=args.bins, output=args.mi_output, group_size=args.group,
                                       chip_offset=args.chip_offset, progress=progress)
+        mi["split"] = args.mi_split
         results["mi"] = mi
         _write_csv(os.path.join(out, "mi.csv"), mi["rows"])
         figures["mi"] = plots.plot_mutual_information(mi, os.path.join(out, "mi.png"), xlabel="η")
