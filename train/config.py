@@ -25,7 +25,8 @@ DEFAULTS: Dict[str, Any] = {
     "amp": True,                 # float16 autocast on CUDA
     "threads": 0,                # torch.set_num_threads (0 = leave torch's default)
     "data": {"name": "mnist", "root": None, "batch_size": 128, "eval_batch_size": 1000,
-             "num_workers": 0, "train_limit": None, "test_limit": None, "pad": 0, "augment": None},
+             "num_workers": 0, "train_limit": None, "test_limit": None, "pad": 0, "augment": None,
+             "download": False},   # download: let torchvision fetch a dataset missing under root
     "model": {"name": "lenet5", "num_classes": 10},
     # teacher: a checkpoint (a plain state_dict, or a checkpoint of this tool) or trained here
     "teacher": dict(_STAGE, checkpoint=None, epochs=2, lr=0.05),
