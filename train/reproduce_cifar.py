@@ -125,6 +125,9 @@ def main(argv=None):
     ap.add_argument("--chips", type=int, default=10, help="chips per student (paper: 50 inferences)")
     ap.add_argument("--teacher", choices=("finetuned", "clean"), default="finetuned")
     ap.add_argument("--data-root", default=None)
+    ap.add_argument("--weights", default=None,
+                    help="pretrained ResNet-32 state_dict (default: <$NOISYOPS_WEIGHTS or ../shared/weights>/"
+                         "resnet32_cifar10.pt)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -134,8 +137,13 @@ def main(argv=None):
         return 0
 
     here = os.path.dirname(os.path.abspath(__file__))
+    from noisyops.models import default_weights_dir
+    weights = args.weights or os.path.join(default_weights_dir(), "resnet32_cifar10.pt")
+    if not os.path.isfile(weights):
+        raise SystemExit(f"--weights {weights!r}: no such file; pass the pretrained ResNet-32 state_dict "
+                         f"(../shared/weights/resnet32_cifar10.pt) or set NOISYOPS_WEIGHTS")
     cfg = load_config(os.path.join(here, "configs", "cifar10_resnet32.yaml"), [
-        f"out_dir={args.out}", "resume=true", f"threads={args.threads}", f"seed={args.seed}", "progress=false",
+        f"out_dir={args.out}", "resume=true", f"teacher.checkpoint={weights}", f"threads={args.threads}", f"seed={args.seed}", "progress=false",
         f"finetune.epochs={args.finetune_epochs}", "quant.w_bits=null", "quant.in_bits=null",
         "quant.out_bits=null", f"data.train_limit={'null' if args.train_limit is None else args.train_limit}",
         f"data.test_limit={args.eval_limit}", f"eval.test_limit={args.eval_limit}",
