@@ -29,7 +29,8 @@ T = 6, α = 1, 8-bit weights / inputs / outputs; η ∈ {0.05, .., 0.3}; ``chips
 test images. ``no retraining`` is that clipped fine-tuned 8-bit model without noise training
 (``results_finetuned.json``); ``results_none.json`` is the teacher converted without fine-tuning.
 Every budget flag given on the command line overrides the preset (ablations: ``--no-adc``,
-``--student-teacher clean``, ``--no-clean-grad``, ``--T``, ``--alpha``, ``--student-epochs``).
+``--student-teacher clean``, ``--no-clean-grad``, ``--T``, ``--alpha``, ``--student-epochs``,
+``--clip-k`` for the noise reference).
 """
 from __future__ import annotations
 
@@ -136,6 +137,8 @@ def main(argv=None):
     ap.add_argument("--no-clean-grad", dest="clean_grad", action="store_false")
     ap.add_argument("--T", type=float, default=None, help="distillation temperature (default 6)")
     ap.add_argument("--alpha", type=float, default=None, help="distillation weight of 'distill' (default 1)")
+    ap.add_argument("--clip-k", type=float, default=2.0,
+                    help="clip to ±k·std(W); the noise reference is w_max − w_min = 2k·std(W) (default 2)")
     ap.add_argument("--no-adc", dest="adc", action="store_false", default=None,
                     help="ablation: no output (ADC) quantizer (weights and inputs stay 8-bit)")
     ap.add_argument("--threads", type=int, default=1)
@@ -161,7 +164,7 @@ def main(argv=None):
         f"out_dir={args.out}", "resume=true", f"threads={args.threads}", f"seed={args.seed}",
         f"progress={str(args.progress).lower()}", "ckpt_every=200",
         f"teacher.epochs={args.teacher_epochs}", "teacher.lr=0.05",
-        f"finetune.epochs={args.finetune_epochs}", "finetune.lr=0.01",
+        f"finetune.epochs={args.finetune_epochs}", "finetune.lr=0.01", f"finetune.clip_k={args.clip_k}",
         f"student.epochs={args.student_epochs}", "student.lr=0.01",
         f"student.teacher={args.student_teacher}", f"student.clean_grad_input={str(args.clean_grad).lower()}",
         f"student.T={args.T}",
@@ -203,7 +206,7 @@ def main(argv=None):
 
     if args.method in ("none", "finetuned"):
         if args.method == "none":
-            model = noisyops.convert(copy.deepcopy(c.teacher), LayerConfig(w_range=2.0), seed=c.seed)
+            model = noisyops.convert(copy.deepcopy(c.teacher), LayerConfig(w_range=float(args.clip_k)), seed=c.seed)
             quantize(model, cfg["quant"], c.calib)
         else:
             model = c.ft
