@@ -182,7 +182,7 @@ def main(argv=None):
     prep_path = os.path.join(args.out, "prepare.json")
     if not os.path.exists(prep_path):
         _store(prep_path, {"teacher": c.results["clean"]["teacher (float)"],
-                           "finetuned": c.results["clean"]["clipped ±2σ + fine-tuned"],
+                           "finetuned": c.results["clean"][f"clipped ±{args.clip_k:g}σ + fine-tuned"],
                            "quantized": c.results["clean"]["+ quantized"], "n_test": len(c.test_ds)})
     _store(os.path.join(args.out, "settings.json"), {k: v for k, v in vars(args).items()
                                                       if k not in ("table", "prepare_only", "method")})
