@@ -80,7 +80,8 @@ def table(out: str, etas) -> str:
     lines = []
     if base:
         lines.append(f"clean float LeNet-5 (teacher): {100 * base['teacher']:.2f}% on {base['n_test']} test images; "
-                     f"clipped ±2σ + fine-tuned: {100 * base['finetuned']:.2f}%; + 8-bit quantized: "
+                     f"clipped ±{_load(os.path.join(out, 'settings.json')).get('clip_k', 2.0):g}σ + fine-tuned: "
+                     f"{100 * base['finetuned']:.2f}%; + 8-bit quantized: "
                      f"{100 * base['quantized']:.2f}%\n")
     lines.append("| method | " + " | ".join(f"η={e:g}" for e in etas) + " |")
     lines.append("|" + " --- |" * (len(etas) + 1))
