@@ -9,9 +9,20 @@ heat map of the checkpoints given by ``--grid``), ``biasvar`` (loss decompositio
 η), ``walking`` (per-layer Walking Noise). Writes ``results.json``, one CSV per analysis, PNG figures
 and ``report.md`` into ``--out``. See docs/evaluation.md for what every number means.
 
+Model (``--model``): a built-in name (``lenet5``, ``resnet20/32/44/56``), ``torchvision:NAME``,
+``timm:NAME`` or ``package.module:factory`` (`noisyops.zoo`); ``--model-kwargs`` (JSON) go to the
+constructor, ``--weights`` names the library's pretrained weights (fetched by that library).
+
 Checkpoint: a plain ``state_dict`` of the clean model, or of the converted model, or a dict holding
 one under ``"model"`` / ``"state_dict"`` (the training checkpoints); ``--checkpoint pretrained``
-loads ``../shared/weights/<model>_cifar10.pt`` for the CIFAR ResNets.
+loads ``../shared/weights/<model>_cifar10.pt`` for the CIFAR ResNets; ``--checkpoint none`` keeps
+the constructor's own weights.
+
+Dataset (``--dataset``): ``mnist``, ``cifar10`` (under ``--data-root``), or ``imagefolder:PATH``:
+``PATH/val`` (or ``PATH`` itself) as the test set, ``PATH/train`` for calibration when present; the
+images are resized (shorter side ``--resize``, default 256), centre-cropped to ``--image-size``
+(default 224) and normalised with ``--mean``/``--std`` (default ImageNet's). Nothing is downloaded
+unless ``--download``.
 """
 from __future__ import annotations
 
@@ -26,7 +37,7 @@ from typing import List, Optional
 
 import torch
 
-_MODELS = ("lenet5", "resnet20", "resnet32", "resnet44", "resnet56")
+from .zoo import BUILTIN_MODELS as _MODELS
 _WHAT = ("eval", "sweep", "grid", "biasvar", "mi", "walking")
 
 
@@ -55,11 +66,27 @@ def _w_range(s: Optional[str]):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m noisyops.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=_MODELS)
+    p.add_argument("--model", required=True,
+                   help=f"{'|'.join(_MODELS)}, torchvision:NAME, timm:NAME or package.module:factory")
+    p.add_argument("--model-kwargs", default=None,
+                   help='JSON keyword arguments of the constructor, e.g. \'{"num_classes": 10}\'')
+    p.add_argument("--weights", default=None,
+                   help="the library's pretrained weights: torchvision enum name (DEFAULT, IMAGENET1K_V1), "
+                        "timm: any value = pretrained=True (downloads unless cached)")
     p.add_argument("--checkpoint", required=True,
-                   help="state_dict path (clean or converted, or a training checkpoint), or 'pretrained'")
-    p.add_argument("--dataset", required=True, choices=("mnist", "cifar10"))
-    p.add_argument("--data-root", default=None, help="dataset folder (default ../shared/data)")
+                   help="state_dict path (clean or converted, or a training checkpoint), 'pretrained' "
+                        "(the CIFAR ResNets of ../shared/weights) or 'none' (the constructor's own weights)")
+    p.add_argument("--dataset", required=True,
+                   help="mnist | cifar10 | imagefolder:PATH (PATH/val or PATH; PATH/train calibrates)")
+    p.add_argument("--data-root", default=None,
+                   help="folder of mnist / cifar10 (default $NOISYOPS_DATA, else ../shared/data)")
+    p.add_argument("--download", action="store_true",
+                   help="let torchvision download mnist / cifar10 into --data-root when missing")
+    p.add_argument("--resize", type=int, default=256, help="imagefolder: shorter side resized to this")
+    p.add_argument("--image-size", type=int, default=224, help="imagefolder: centre crop size")
+    p.add_argument("--mean", default="0.485,0.456,0.406", help="imagefolder: normalisation mean")
+    p.add_argument("--std", default="0.229,0.224,0.225", help="imagefolder: normalisation std")
+    p.add_argument("--grayscale", action="store_true", help="imagefolder: convert images to 1 channel")
     p.add_argument("--limit", type=int, default=None, help="use the first N test samples")
     p.add_argument("--batch-size", type=int, default=1000,
                    help="test images per forward (before chip replication: rows = group·batch)")
@@ -93,10 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--grid", default=None,
                    help="for --what grid: comma list of train_eta=checkpoint (models trained at each η); "
                         "evaluated at every --sweep-etas, drawn as a heat map")
-    a.add_argument("--ratios", default="0,0.2,0.4,0.6,0.8,1.0,1.2", help="σ_N/σ_W for biasvar")
-    a.add_argument("--instances", type=int, default=20, help="noise instances for biasvar")
-    a.add_argument("--mi-levels", default="0,0.01,0.02,0.04,0.08,0.16", help="η levels for mi")
-    a.add_argument("--mi-repeats", type=int, default=20)
+    a.add_argument("--ratios", default="0,0.2,0.4,0.5,0.6,0.7,0.8,1.0,1.2", help="σ_N/σ_W for biasvar")
+    a.add_argument("--instances", type=int, default=100, help="noise instances for biasvar (paper: 100)")
+    a.add_argument("--biasvar-loss", default="squared", choices=("squared", "log"),
+                   help="squared: the paper's squared error of the softmax vector (eq. 1-5); "
+                        "log: the log-loss (Heskes) decomposition")
+    a.add_argument("--mi-levels", default="0,0.025,0.05,0.1,0.2,0.4,0.8,1.6",
+                   help="η levels for mi (the default reaches the decay of a trained LeNet-5)")
+    a.add_argument("--mi-repeats", type=int, default=100, help="noisy inferences per input (paper: 100)")
+    a.add_argument("--mi-inputs", type=int, default=200, help="inputs for mi (paper: 200)")
+    a.add_argument("--mi-split", default="train", choices=("train", "test"),
+                   help="mi inputs: random training images (paper) or the first test images")
     a.add_argument("--mi-output", default="softmax", choices=("softmax", "logits"))
     a.add_argument("--bins", type=int, default=4)
     a.add_argument("--walk", default="additive:weights",
@@ -115,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_state(path: str, model_name: str):
     if path == "pretrained":
+        if model_name not in ("resnet20", "resnet32"):
+            raise SystemExit(f"--checkpoint pretrained: only resnet20 / resnet32 have shared weights, "
+                             f"not {model_name!r}; give a state_dict path or 'none'")
         path = os.path.join(_shared_dir(), "weights", f"{model_name}_cifar10.pt")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -137,13 +174,25 @@ def _shared_dir() -> str:
 def build_model(args, checkpoint: Optional[str] = None):
     """The clean architecture, converted with the CLI's `LayerConfig`, checkpoint loaded."""
     import noisyops
-    from noisyops import models
     from .config import LayerConfig
-    net = getattr(models, args.model)()
-    state, path = _load_state(checkpoint or args.checkpoint, args.model)
+    from .zoo import build_network
+    try:
+        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    except ValueError as e:
+        raise SystemExit(f"--model-kwargs {args.model_kwargs!r}: expected a JSON object ({e})")
+    if not isinstance(kwargs, dict):
+        raise SystemExit(f"--model-kwargs {args.model_kwargs!r}: expected a JSON object")
+    try:
+        net = build_network(args.model, weights=args.weights, kwargs=kwargs)
+    except (ValueError, ImportError) as e:
+        raise SystemExit(f"--model: {e}")
     cfg = LayerConfig(eta=args.eta, eta_mul=args.eta_mul, out_noise=args.out_noise,
                       w_range=_w_range(args.w_range), w_bits=args.w_bits, in_bits=args.in_bits,
                       out_bits=args.out_bits, tile_rows=args.tile_rows)
+    ck = checkpoint or args.checkpoint
+    if ck.lower() == "none":
+        return noisyops.convert(net, cfg, seed=args.seed).eval(), cfg, "none (the constructor's weights)"
+    state, path = _load_state(ck, args.model)
     try:  # a clean state_dict: load before conversion so ranges (w_range = k) see the real weights
         net.load_state_dict(state)
         model = noisyops.convert(net, cfg, seed=args.seed)
@@ -154,15 +203,49 @@ def build_model(args, checkpoint: Optional[str] = None):
     return model, cfg, path
 
 
+def _dataset(args, train: bool):
+    """The dataset object of ``--dataset`` (mnist / cifar10: `build_dataset`; imagefolder:PATH:
+    `image_folder_dataset`, its ``PATH/train`` falling back to the test tree for ``train=True``)."""
+    from .training.data import DatasetNotFoundError, build_dataset, default_data_root, image_folder_dataset
+    dataset = args.dataset
+    try:
+        if dataset.startswith("imagefolder:"):
+            kw = dict(resize=args.resize, crop=args.image_size, mean=_floats(args.mean), std=_floats(args.std),
+                      grayscale=getattr(args, "grayscale", False))
+            path = dataset.partition(":")[2]
+            ds = image_folder_dataset(path, train=train, **kw)
+            return ds if ds is not None else image_folder_dataset(path, train=False, **kw)
+        if dataset not in ("mnist", "cifar10"):
+            raise SystemExit(f"--dataset {dataset!r}: expected mnist, cifar10 or imagefolder:PATH")
+        root = args.data_root or default_data_root()
+        pad = 2 if (dataset == "mnist" and _lenet_input_size() == 32) else 0
+        return build_dataset(dataset, root, train=train, augment=False, pad=pad,
+                             download=getattr(args, "download", False))
+    except DatasetNotFoundError as e:
+        raise SystemExit(f"--dataset {dataset}: {e}")
+
+
 def load_data(args, train: bool = False, limit: Optional[int] = None):
-    """Test (or training) split as a list of ``(x, y)`` batches, via `noisyops.training.data`."""
+    """Test (or training) split as a list of ``(x, y)`` batches (the first ``limit`` samples).
+    ``imagefolder:PATH`` without ``PATH/train`` gives the test images for ``train=True`` (calibration)."""
     from .evaluation import as_batches
-    from .training.data import build_dataset
-    root = args.data_root or os.path.join(_shared_dir(), "data")
-    pad = 2 if (args.dataset == "mnist" and _lenet_input_size() == 32) else 0
-    ds = build_dataset(args.dataset, root, train=train, augment=False, pad=pad, limit=limit)
-    x, y = ds[list(range(len(ds)))]
-    return as_batches((x, y), args.batch_size)
+    return as_batches(_dataset(args, train), args.batch_size, limit=limit)
+
+
+def load_sample(args, n: int, seed: int = 0):
+    """``n`` random training images (indices ``randperm(N, generator=manual_seed(seed))[:n]``, in
+    that order) as a batch list, e.g. the paper's 200 training images of the MI estimate."""
+    from .evaluation import as_batches
+    ds = _dataset(args, train=True)
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(int(seed)))[:n].tolist()
+    return as_batches(torch.utils.data.Subset(ds, idx), args.batch_size)
+
+
+def as_batches_of(batches, n: int):
+    """The first ``n`` samples of a batch list, as one batch."""
+    x = torch.cat([b[0] for b in batches])[:n]
+    y = torch.cat([b[1] for b in batches])[:n]
+    return [(x, y)]
 
 
 def _lenet_input_size() -> int:
@@ -275,14 +358,18 @@ def main(argv: Optional[List[str]] = None) -> dict:
         figures["grid"] = plots.plot_heatmap(gr, os.path.join(out, "grid.png"))
     if "biasvar" in what:
         bv = bias_variance_sweep(model, batches, _floats(args.ratios), n_instances=args.instances,
-                                 group_size=args.group, chip_offset=args.chip_offset, progress=progress)
+                                 group_size=args.group, chip_offset=args.chip_offset, progress=progress,
+                                 loss=args.biasvar_loss)
         results["biasvar"] = bv
         _write_csv(os.path.join(out, "biasvar.csv"), bv)
         figures["biasvar"] = plots.plot_bias_variance(bv, os.path.join(out, "biasvar.png"))
     if "mi" in what:
-        mi = mutual_information_sweep(model, batches, _floats(args.mi_levels), n_repeats=args.mi_repeats,
+        mi_data = (load_sample(args, args.mi_inputs, seed=args.seed) if args.mi_split == "train"
+                   else as_batches_of(batches, args.mi_inputs))
+        mi = mutual_information_sweep(model, mi_data, _floats(args.mi_levels), n_repeats=args.mi_repeats,
                                       bins=args.bins, output=args.mi_output, group_size=args.group,
                                       chip_offset=args.chip_offset, progress=progress)
+        mi["split"] = args.mi_split
         results["mi"] = mi
         _write_csv(os.path.join(out, "mi.csv"), mi["rows"])
         figures["mi"] = plots.plot_mutual_information(mi, os.path.join(out, "mi.png"), xlabel="η")

@@ -293,8 +293,8 @@ def evaluate_chips(model: nn.Module, data, n_chips: int = 50, *, group_size: Opt
     stopped = False
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=n_chips, desc=desc, unit="chip", leave=False)
+        from .progress import progress_bar
+        bar = progress_bar(total=n_chips, desc=desc, unit="chip", leave=False)
     try:
         while len(ids) < n_chips:
             k = min(group_size, n_chips - len(ids))

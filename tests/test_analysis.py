@@ -9,20 +9,50 @@ import pytest
 import torch
 from torch import nn
 
-from noisyops.analysis import (bin_edges, binned_mutual_information, decompose, discretize,
-                               entropy_bits, log_grid, midpoint_level, with_noise)
+from noisyops.analysis import (bin_edges, binned_mutual_information, crossover_ratio, decompose, discretize,
+                               entropy_bits, level_at_fraction, log_grid, midpoint_level, with_noise)
 from noisyops.analysis import plots
 from noisyops.analysis.report import write_report
 from noisyops.config import LayerConfig
 
 
 # ---- bias / variance (eq. 1-5) ---------------------------------------------------------------------
-def test_decompose_hand_case():
-    # two instances, one sample, two classes: p1 = (.8, .2), p2 = (.5, .5), label 0
+def test_squared_decomposition_hand_case():
+    # the paper's eq. 1-5: two instances, one sample, two classes: f1 = (.8, .2), f2 = (.5, .5), y = (1, 0)
     p1, p2 = torch.tensor([0.8, 0.2], dtype=torch.float64), torch.tensor([0.5, 0.5], dtype=torch.float64)
     logits = torch.stack([p1.log(), p2.log()]).unsqueeze(1)               # [2, 1, 2]
     y = torch.tensor([0])
     t = decompose(logits, y, clean_logits=torch.tensor([[0.9, 0.1]], dtype=torch.float64).log())
+    assert t == decompose(logits, y, torch.tensor([[0.9, 0.1]], dtype=torch.float64).log(), loss="squared")
+    # arithmetic mean f̄ = (.65, .35); every term is the mean over the 2 outputs
+    l_total = (((0.8 - 1) ** 2 + 0.2 ** 2) / 2 + ((0.5 - 1) ** 2 + 0.5 ** 2) / 2) / 2    # (0.04 + 0.25)/2
+    l_bias = ((0.65 - 1) ** 2 + 0.35 ** 2) / 2                                          # 0.1225
+    l_var = (((0.8 - 0.65) ** 2 + (0.2 - 0.35) ** 2) / 2 + ((0.5 - 0.65) ** 2 + (0.5 - 0.35) ** 2) / 2) / 2
+    assert l_total == pytest.approx(0.145) and l_bias == pytest.approx(0.1225) and l_var == pytest.approx(0.0225)
+    assert t.l_total == pytest.approx(l_total, rel=1e-12)
+    assert t.l_bias == pytest.approx(l_bias, rel=1e-12)
+    assert t.l_var == pytest.approx(l_var, rel=1e-12)
+    assert t.l_pretrained == pytest.approx(((0.9 - 1) ** 2 + 0.1 ** 2) / 2, rel=1e-12)
+    assert t.n_samples == 1
+
+
+def test_squared_decomposition_right_and_wrong_instances():
+    # half the instances are exactly right, half exactly wrong (C = 4): f̄ = (.5, .5, 0, 0)
+    right = torch.tensor([0.0, -math.inf, -math.inf, -math.inf], dtype=torch.float64)
+    wrong = torch.tensor([-math.inf, 0.0, -math.inf, -math.inf], dtype=torch.float64)
+    logits = torch.stack([right, wrong, right, wrong]).unsqueeze(1)       # [4, 1, 4]
+    t = decompose(logits, torch.tensor([0]))
+    assert t.l_total == pytest.approx(0.5 * 0 + 0.5 * 2 / 4)              # wrong: two errors of 1, over 4
+    assert t.l_bias == pytest.approx((0.25 + 0.25) / 4)
+    assert t.l_var == pytest.approx((0.25 + 0.25) / 4)
+
+
+def test_log_loss_decomposition_hand_case():
+    # two instances, one sample, two classes: p1 = (.8, .2), p2 = (.5, .5), label 0
+    p1, p2 = torch.tensor([0.8, 0.2], dtype=torch.float64), torch.tensor([0.5, 0.5], dtype=torch.float64)
+    logits = torch.stack([p1.log(), p2.log()]).unsqueeze(1)               # [2, 1, 2]
+    y = torch.tensor([0])
+    t = decompose(logits, y, clean_logits=torch.tensor([[0.9, 0.1]], dtype=torch.float64).log(), loss="log")
     g0, g1 = math.sqrt(0.8 * 0.5), math.sqrt(0.2 * 0.5)                  # geometric means
     z = g0 + g1
     l_total = -(math.log(0.8) + math.log(0.5)) / 2
@@ -38,22 +68,48 @@ def test_decompose_hand_case():
     assert t.n_samples == 1
 
 
-def test_decompose_identity_and_limits():
+@pytest.mark.parametrize("loss", ["squared", "log"])
+def test_decompose_identity_and_limits(loss):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(7, 50, 10, generator=g, dtype=torch.float64) * 3
     y = torch.randint(0, 10, (50,), generator=g)
-    t = decompose(logits, y)
+    t = decompose(logits, y, loss=loss)
     assert t.l_total == pytest.approx(t.l_bias + t.l_var, rel=1e-12)
     assert t.l_var > 0
-    one = decompose(logits[:1], y, clean_logits=logits[0])                # n = 1: no variance
+    one = decompose(logits[:1], y, clean_logits=logits[0], loss=loss)     # n = 1: no variance
     assert one.l_var == pytest.approx(0, abs=1e-12)
     assert one.l_bias == pytest.approx(one.l_total, rel=1e-12) == pytest.approx(one.l_pretrained)
-    same = decompose(logits[:1].expand(5, -1, -1), y)                     # identical instances
+    same = decompose(logits[:1].expand(5, -1, -1), y, clean_logits=logits[0], loss=loss)  # no noise
     assert same.l_var == pytest.approx(0, abs=1e-10)
+    assert same.l_bias == pytest.approx(same.l_pretrained, rel=1e-12)
     with pytest.raises(ValueError, match="noisy_logits"):
-        decompose(logits[0], y)
+        decompose(logits[0], y, loss=loss)
     with pytest.raises(ValueError, match="targets"):
-        decompose(logits, y[:3])
+        decompose(logits, y[:3], loss=loss)
+    with pytest.raises(ValueError, match="loss="):
+        decompose(logits, y, loss="hinge")
+
+
+def test_squared_terms_are_bounded_and_var_is_the_softmax_variance():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(100, 30, 10, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, 10, (30,), generator=g)
+    t = decompose(logits, y)
+    f = torch.softmax(logits, -1)
+    assert t.l_var == pytest.approx(float(f.var(0, unbiased=False).mean(-1).sum()), rel=1e-12)
+    assert 0 <= t.l_bias / 30 <= 2 / 10 and 0 <= t.l_total / 30 <= 2 / 10   # ‖f − y‖² <= 2 per sample
+
+
+def test_crossover_and_mi_fraction_by_hand():
+    rows = [{"ratio": 0.0, "l_var": 0.0, "l_bias": 1.0}, {"ratio": 0.5, "l_var": 0.5, "l_bias": 1.0},
+            {"ratio": 1.0, "l_var": 2.0, "l_bias": 1.5}]
+    # d = -1, -0.5, +0.5: the sign changes between 0.5 and 1.0, halfway
+    assert crossover_ratio(rows) == pytest.approx(0.75)
+    assert crossover_ratio(rows[:2]) is None
+    assert crossover_ratio([{"ratio": 0.2, "l_var": 2.0, "l_bias": 1.0}]) == 0.2
+    mi = [{"level": 0.0, "normalized": 1.0}, {"level": 0.1, "normalized": 0.8}, {"level": 0.2, "normalized": 0.2}]
+    assert level_at_fraction(mi, 0.5) == pytest.approx(0.15)
+    assert level_at_fraction(mi, 0.1) is None
 
 
 # ---- mutual information (eq. 6-7) ------------------------------------------------------------------
@@ -225,13 +281,16 @@ def test_walking_noise_real_deterministic_and_restores():
 def test_bias_variance_and_mi_real():
     from noisyops.analysis import bias_variance_sweep, mutual_information_sweep
     model, data = _tiny()
-    bv = bias_variance_sweep(model, data, [0.0, 0.5, 2.0], n_instances=6, group_size=3)
-    assert bv[0]["l_var"] == pytest.approx(0, abs=1e-9)
-    assert bv[0]["l_total"] == pytest.approx(bv[0]["l_pretrained"], rel=1e-6)
-    for r in bv:
-        assert r["l_total"] == pytest.approx(r["l_bias"] + r["l_var"], rel=1e-9)
-    assert bv[2]["l_var"] > bv[1]["l_var"] > 0
-    assert bv == bias_variance_sweep(model, data, [0.0, 0.5, 2.0], n_instances=6, group_size=3)
+    for loss in ("squared", "log"):
+        bv = bias_variance_sweep(model, data, [0.0, 0.5, 2.0], n_instances=6, group_size=3, loss=loss)
+        assert bv[0]["l_var"] == pytest.approx(0, abs=1e-9)
+        assert bv[0]["l_total"] == pytest.approx(bv[0]["l_pretrained"], rel=1e-6)
+        assert bv[0]["l_bias"] == pytest.approx(bv[0]["l_pretrained"], rel=1e-6)
+        for r in bv:
+            assert r["l_total"] == pytest.approx(r["l_bias"] + r["l_var"], rel=1e-9)
+            assert r["loss"] == loss and r["n_instances"] == 6
+        assert bv[2]["l_var"] > bv[1]["l_var"] > 0
+        assert bv == bias_variance_sweep(model, data, [0.0, 0.5, 2.0], n_instances=6, group_size=3, loss=loss)
     mi = mutual_information_sweep(model, data, [0.0, 0.1, 5.0], n_repeats=8, group_size=4)
     norm = [r["normalized"] for r in mi["rows"]]
     assert norm[0] == pytest.approx(1.0) and norm[2] < norm[0]
@@ -271,12 +330,15 @@ def test_cli_end_to_end_mnist(tmp_path, shared_dir):
             "--chips", "6", "--group", "6", "--eta", "0.05", "--no-progress"]
     argv = base + ["--what", "eval,walking,biasvar,mi,sweep",
                    "--walk-levels", "0.01:1:3", "--walk-chips", "2", "--walk-layers", "conv1,fc3",
-                   "--ratios", "0,1", "--instances", "4", "--mi-levels", "0,0.1", "--mi-repeats", "4",
+                   "--ratios", "0,1", "--instances", "4", "--mi-levels", "0,0.1", "--mi-repeats", "4", "--mi-inputs", "50",
                    "--sweep-etas", "0,0.1", "--sweep-chips", "2"]
     res = main(argv)
     with open(os.path.join(out, "results.json")) as f:
         saved = json.load(f)
     assert saved["eval"]["summary"]["n"] == 6 and saved["eval"]["clean_accuracy"] > 0.5
+    assert saved["mi"]["n_inputs"] == 50 and saved["mi"]["n_repeats"] == 4 and saved["mi"]["split"] == "train"
+    assert [r["loss"] for r in saved["biasvar"]] == ["squared", "squared"]
+    assert saved["biasvar"][0]["n_samples"] == 200
     for name in ("report.md", "eval_chips.csv", "eval_chips.png", "walking_additive_weights.png",
                  "walking_additive_weights_midpoints.png", "biasvar.png", "mi.png", "sweep.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name

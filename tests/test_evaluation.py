@@ -2,6 +2,7 @@
 chip loop with a scripted chip forward, and (when the models layer is present) real per_instance
 chips: deterministic, independent of the group size, equal to single-chip passes."""
 import math
+import os
 
 import pytest
 import torch
@@ -192,3 +193,131 @@ def test_group_size_auto_and_checked():
         resolve_group_size(0, cpu)
     r = evaluate_chips(nn.Identity(), cpu, 3, chip_forward=scripted)    # auto on CPU: one chip a call
     assert r.accuracies == pytest.approx([0.1, 0.3, 0.5])
+
+
+# ---- the CLI on any model and any dataset (noisyops.evaluate, noisyops.zoo) -------------------------
+def _image_folder(root, classes=("cat", "dog", "emu"), per_class=4, size=(40, 36), seed=0):
+    """A tiny ImageFolder tree ``root/<class>/<i>.png`` of random RGB images; returns root."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    for c in classes:
+        os.makedirs(os.path.join(root, c), exist_ok=True)
+        for i in range(per_class):
+            px = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(px).save(os.path.join(root, c, f"{i}.png"))
+    return root
+
+
+def _cli(argv, tmp_path, name="out"):
+    from noisyops.evaluate import main
+    return main(argv + ["--out", str(tmp_path / name), "--no-progress", "--chips", "3", "--group", "3"])
+
+
+def test_cli_factory_model_checkpoint_none_imagefolder_val_and_train(tmp_path):
+    root = str(tmp_path / "data")
+    _image_folder(os.path.join(root, "val"))
+    _image_folder(os.path.join(root, "train"), seed=1)
+    res = _cli(["--model", "tests.test_zoo:tiny_factory", "--model-kwargs", '{"num_classes": 3}',
+                "--checkpoint", "none", "--dataset", f"imagefolder:{root}", "--resize", "34",
+                "--image-size", "32", "--in-bits", "8", "--out-bits", "8", "--w-range", "2",
+                "--w-bits", "8", "--batch-size", "5", "--calib-batches", "2"], tmp_path)
+    assert res["meta"]["test samples"] == 12 and res["meta"]["checkpoint"].startswith("none")
+    assert len(res["eval"]["accuracies"]) == 3
+    from noisyops.evaluate import build_parser, load_data
+    args = build_parser().parse_args(["--model", "x", "--checkpoint", "none", "--out", "o",
+                                      "--dataset", f"imagefolder:{root}", "--resize", "34", "--image-size", "32"])
+    x, y = load_data(args, train=False)[0]                              # one batch of all 12 images
+    assert x.shape[1:] == (3, 32, 32) and sorted(set(y.tolist())) == [0, 1, 2]
+    # the usual transform by hand: resize shorter side (36 -> 34), centre crop 32, ImageNet normalisation
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+    img = Image.open(os.path.join(root, "val", "cat", "0.png")).convert("RGB")
+    ref = TF.normalize(TF.to_tensor(TF.center_crop(TF.resize(img, 34), 32)),
+                       [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert torch.equal(x[0], ref)
+
+
+def test_cli_timm_model_on_flat_imagefolder(tmp_path):
+    pytest.importorskip("timm")
+    root = _image_folder(str(tmp_path / "flat"))        # PATH/<class>/*: no val/ and no train/
+    res = _cli(["--model", "timm:test_resnet", "--model-kwargs", '{"num_classes": 3}', "--checkpoint", "none",
+                "--dataset", f"imagefolder:{root}", "--resize", "32", "--image-size", "32",
+                "--eta", "0.05", "--what", "eval,sweep", "--sweep-etas", "0,0.05", "--sweep-chips", "2"], tmp_path)
+    assert res["meta"]["test samples"] == 12
+    assert res["sweep"]["timm:test_resnet"][0]["std"] == 0          # η = 0: every chip identical
+    assert os.path.isfile(str(tmp_path / "out" / "report.md"))
+
+
+def test_cli_torchvision_model_with_checkpoint(tmp_path):
+    import torchvision
+    root = _image_folder(str(tmp_path / "d"), per_class=2)
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=3).eval()
+    ck = str(tmp_path / "r18.pt")
+    torch.save(net.state_dict(), ck)
+    res = _cli(["--model", "torchvision:resnet18", "--model-kwargs", '{"num_classes": 3}', "--checkpoint", ck,
+                "--dataset", f"imagefolder:{root}", "--resize", "32", "--image-size", "32", "--eta", "0"], tmp_path)
+    from noisyops.evaluate import build_parser, load_data
+    args = build_parser().parse_args(["--model", "x", "--checkpoint", "none", "--out", "o", "--dataset",
+                                      f"imagefolder:{root}", "--resize", "32", "--image-size", "32"])
+    x, y = load_data(args)[0]
+    with torch.no_grad():
+        acc = float((net(x).argmax(1) == y).double().mean())
+    assert res["eval"]["clean_accuracy"] == pytest.approx(acc)            # the checkpoint was loaded
+    assert res["eval"]["accuracies"] == [acc] * 3                          # η = 0: the clean network
+
+
+def test_cli_bad_model_and_dataset_messages(tmp_path):
+    with pytest.raises(SystemExit, match="--model: model='nosuch'"):
+        _cli(["--model", "nosuch", "--checkpoint", "none", "--dataset", "mnist"], tmp_path)
+    with pytest.raises(SystemExit, match="--model-kwargs"):
+        _cli(["--model", "lenet5", "--model-kwargs", "{bad", "--checkpoint", "none", "--dataset", "mnist"], tmp_path)
+    with pytest.raises(SystemExit, match="expected mnist, cifar10 or imagefolder:PATH"):
+        _cli(["--model", "lenet5", "--checkpoint", "none", "--dataset", "svhn"], tmp_path)
+    only_train = str(tmp_path / "only_train")
+    _image_folder(os.path.join(only_train, "train"), per_class=1)
+    with pytest.raises(SystemExit, match="(?s)not found.*only_train/val.*imagefolder:PATH"):
+        _cli(["--model", "lenet5", "--checkpoint", "none", "--dataset", f"imagefolder:{only_train}"], tmp_path)
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_missing_dataset_says_where_and_never_downloads(tmp_path, monkeypatch, dataset):
+    import torchvision.datasets as tvd
+    def no_network(*a, **k):
+        raise AssertionError("tried to download")
+    monkeypatch.setattr(tvd.MNIST, "download", no_network)
+    monkeypatch.setattr(tvd.CIFAR10, "download", no_network)
+    empty = str(tmp_path / "empty")
+    os.makedirs(empty)
+    with pytest.raises(SystemExit) as e:
+        _cli(["--model", "lenet5", "--checkpoint", "none", "--dataset", dataset, "--data-root", empty], tmp_path)
+    msg = str(e.value)
+    assert "not found" in msg and os.path.abspath(empty) in msg and "--data-root" in msg and "--download" in msg
+    with pytest.raises(AssertionError, match="tried to download"):     # --download does try
+        _cli(["--model", "lenet5", "--checkpoint", "none", "--dataset", dataset, "--data-root", empty,
+              "--download"], tmp_path)
+
+
+def test_progress_is_lines_when_not_a_terminal(monkeypatch):
+    import io
+    from noisyops import progress
+    monkeypatch.delenv("NOISYOPS_PROGRESS", raising=False)
+    buf = io.StringIO()                                                   # not a tty
+    assert progress.progress_mode(buf) == "lines"
+    bar = progress.LineProgress(total=1000, desc="chips", unit="chip", interval=3600, file=buf)
+    for _ in range(1000):
+        bar.update(1)
+    bar.set_postfix(acc="0.9")
+    bar.close()
+    bar.close()
+    lines = buf.getvalue().splitlines()
+    assert lines == [lines[0]] and lines[0].startswith("chips: 1000/1000 chip [") and "acc=0.9" in lines[0]
+    buf2 = io.StringIO()
+    every = progress.LineProgress(range(3), desc="x", interval=0, file=buf2)
+    assert list(every) == [0, 1, 2] and len(buf2.getvalue().splitlines()) == 4   # 3 updates + close
+    monkeypatch.setenv("NOISYOPS_PROGRESS", "off")
+    assert progress.progress_mode() == "off"
+    assert list(progress.progress_iter(range(2))) == [0, 1]
+    monkeypatch.setenv("NOISYOPS_PROGRESS", "sometimes")
+    with pytest.raises(ValueError, match="NOISYOPS_PROGRESS"):
+        progress.progress_mode()

@@ -25,7 +25,8 @@ DEFAULTS: Dict[str, Any] = {
     "amp": True,                 # autocast on CUDA: bfloat16 where supported, else float16
     "threads": 0,                # torch.set_num_threads (0 = leave torch's default)
     "data": {"name": "mnist", "root": None, "batch_size": 128, "eval_batch_size": 1000,
-             "num_workers": 0, "train_limit": None, "test_limit": None, "pad": 0, "augment": None},
+             "num_workers": 0, "train_limit": None, "test_limit": None, "pad": 0, "augment": None,
+             "download": False},   # download: let torchvision fetch a dataset missing under root
     "model": {"name": "lenet5", "num_classes": 10},
     # teacher: a checkpoint (a plain state_dict, or a checkpoint of this tool) or trained here
     "teacher": dict(_STAGE, checkpoint=None, epochs=2, lr=0.05),
@@ -35,8 +36,10 @@ DEFAULTS: Dict[str, Any] = {
     "quant": {"w_bits": 8, "in_bits": 8, "out_bits": 8, "calib_batches": 10, "lo_pct": 0.1,
               "hi_pct": 99.9},
     # noisy student: η (additive, σ = η·(w_max − w_min)), optional per-step η ~ N(eta, eta_std)
+    # clean_grad_input: backward through the noise-free weights (the paper's "gradients are
+    # calculated with clean weights"); False = through the noisy weights
     "student": dict(_STAGE, eta=0.1, eta_std=0.0, eta_mul=0.0, alpha=1.0, T=6.0, epochs=2, lr=0.01,
-                    teacher="clean"),   # teacher for distillation: clean | finetuned
+                    teacher="clean", clean_grad_input=False),   # teacher for distillation: clean | finetuned
     # noisy evaluation over chips (per_instance noise): the student and the baselines
     "eval": {"etas": [0.0, 0.05, 0.1, 0.2, 0.3], "chips": 10, "group_size": 10, "batch_size": 1000,
              "test_limit": None, "baseline": True},

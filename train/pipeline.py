@@ -117,7 +117,7 @@ def prepare(cfg: Dict[str, Any], log=print) -> Context:
             json.dump(cfg, f, indent=2)
     d, m = cfg["data"], cfg["model"]
     c.train_ds = build_dataset(d["name"], d["root"], train=True, augment=d["augment"], seed=seed, pad=d["pad"],
-                               limit=d["train_limit"])
+                               limit=d["train_limit"], download=bool(d["download"]))
     c.test_ds = build_dataset(d["name"], d["root"], train=False, augment=False, seed=seed, pad=d["pad"],
                               limit=d["test_limit"])
     mk = dict(seed=seed, rank=rank, world_size=world, num_workers=int(d["num_workers"]))
@@ -175,19 +175,28 @@ def quantize(model: nn.Module, q: Dict[str, Any], calib) -> None:
         noisyops.calibrate(model, calib, lo_pct=float(q["lo_pct"]), hi_pct=float(q["hi_pct"]))
 
 
-def train_student(c: Context, s: Dict[str, Any], ckpt_dir: str) -> nn.Module:
-    """Stage 4: a noisy student from ``c.ft`` with the student settings ``s`` (see DEFAULTS["student"])."""
+def train_student(c: Context, s: Dict[str, Any], ckpt_dir: str, seed: Optional[int] = None) -> nn.Module:
+    """Stage 4: a noisy student from ``c.ft`` with the student settings ``s`` (see DEFAULTS["student"]).
+
+    ``seed`` (default: the run seed ``c.seed``) seeds the student's noise (`noisyops.set_seed`) and
+    its data order, so repeated retraining runs of one setting differ only by it."""
     import noisyops
     student = copy.deepcopy(c.ft)
-    _set_layers(student, eta=float(s["eta"]), eta_mul=float(s["eta_mul"]), sampling="per_call")
+    loader = c.train_loader
+    if seed is not None and int(seed) != c.seed:
+        noisyops.set_seed(student, int(seed))
+        loader = make_loader(c.train_ds, int(c.cfg["data"]["batch_size"]), train=True, seed=int(seed),
+                             rank=c.rank, world_size=c.world, num_workers=int(c.cfg["data"]["num_workers"]))
+    _set_layers(student, eta=float(s["eta"]), eta_mul=float(s["eta_mul"]), sampling="per_call",
+                clean_grad_input=bool(s.get("clean_grad_input", False)))
     t_model = c.teacher if s["teacher"] == "clean" else noisyops.export_clean(c.ft).eval()
     sc = StageConfig(name="student", epochs=int(s["epochs"]), lr=float(s["lr"]), momentum=float(s["momentum"]),
                      weight_decay=float(s["weight_decay"]), nesterov=bool(s["nesterov"]),
                      ckpt_every=int(c.cfg["ckpt_every"]), amp=bool(c.cfg["amp"]), progress=bool(c.cfg["progress"]),
                      alpha=float(s["alpha"]), T=float(s["T"]), eta0=float(s["eta"]), eta_std=float(s["eta_std"]),
                      project=True)
-    train_stage(_wrap(student, c.world, c.device), c.train_loader, cfg=sc, ckpt_dir=ckpt_dir, device=c.device,
-                seed=c.seed, teacher=t_model if sc.alpha > 0 else None, eval_loader=c.eval_loader,
+    train_stage(_wrap(student, c.world, c.device), loader, cfg=sc, ckpt_dir=ckpt_dir, device=c.device,
+                seed=c.seed if seed is None else int(seed), teacher=t_model if sc.alpha > 0 else None, eval_loader=c.eval_loader,
                 resume=c.resume, rank=c.rank, log=c.log)
     _set_layers(student, eta=float(s["eta"]))
     return student

@@ -20,6 +20,17 @@ Methods, all with the same hardware model (weights clipped to ±2·std(W) fixed 
 Each model is evaluated at the η it was trained for (``none``/``finetuned``: at every η) over
 ``--chips`` chips (per_instance noise, chip ids 0..n−1, the same for every model) on the first
 ``--eval-limit`` test images; the noise-free (quantized) accuracy is measured on the full test set.
+
+``--paper`` runs the paper's protocol (section 5 of Noisy Machines) in one command, at the budget
+of `PAPER` (about 30 minutes on a 2-core CPU): teacher trained, clipped to ±2σ and fine-tuned; that
+clipped fine-tuned clean model is both the distillation teacher and every student's starting
+point; students train with the backward pass through the clean weights (``clean_grad_input``),
+T = 6, α = 1, 8-bit weights / inputs / outputs; η ∈ {0.05, .., 0.3}; ``chips`` chips on all 10,000
+test images. ``no retraining`` is that clipped fine-tuned 8-bit model without noise training
+(``results_finetuned.json``); ``results_none.json`` is the teacher converted without fine-tuning.
+Every budget flag given on the command line overrides the preset (ablations: ``--no-adc``,
+``--student-teacher clean``, ``--no-clean-grad``, ``--T``, ``--alpha``, ``--student-epochs``,
+``--clip-k`` for the noise reference).
 """
 from __future__ import annotations
 
@@ -27,11 +38,20 @@ import argparse
 import copy
 import json
 import os
+import sys
 import time
 
 from .config import load_config
 
 METHODS = ("none", "finetuned", "inject", "distill")
+
+# The --paper preset: the paper's recipe at a budget that fits about 30 minutes on 2 CPU cores.
+PAPER = dict(etas=[0.05, 0.1, 0.15, 0.2, 0.25, 0.3], chips=20, eval_limit=10000, teacher_epochs=6,
+             finetune_epochs=1, student_epochs=2, student_teacher="finetuned", clean_grad=True,
+             T=6.0, alpha=1.0, adc=True)
+_LEGACY = dict(etas=[0.0, 0.05, 0.1, 0.2, 0.3], chips=10, eval_limit=2000, teacher_epochs=2,
+               finetune_epochs=1, student_epochs=1, student_teacher="clean", clean_grad=False,
+               T=6.0, alpha=1.0, adc=True)
 
 
 def _results_path(out, method):
@@ -60,7 +80,8 @@ def table(out: str, etas) -> str:
     lines = []
     if base:
         lines.append(f"clean float LeNet-5 (teacher): {100 * base['teacher']:.2f}% on {base['n_test']} test images; "
-                     f"clipped ±2σ + fine-tuned: {100 * base['finetuned']:.2f}%; + 8-bit quantized: "
+                     f"clipped ±{_load(os.path.join(out, 'settings.json')).get('clip_k', 2.0):g}σ + fine-tuned: "
+                     f"{100 * base['finetuned']:.2f}%; + 8-bit quantized: "
                      f"{100 * base['quantized']:.2f}%\n")
     lines.append("| method | " + " | ".join(f"η={e:g}" for e in etas) + " |")
     lines.append("|" + " --- |" * (len(etas) + 1))
@@ -99,16 +120,41 @@ def main(argv=None):
     ap.add_argument("--method", choices=METHODS)
     ap.add_argument("--prepare-only", action="store_true")
     ap.add_argument("--table", action="store_true")
-    ap.add_argument("--etas", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3])
-    ap.add_argument("--chips", type=int, default=10)
-    ap.add_argument("--eval-limit", type=int, default=2000, help="test images per chip evaluation")
-    ap.add_argument("--teacher-epochs", type=int, default=2)
-    ap.add_argument("--finetune-epochs", type=int, default=1)
-    ap.add_argument("--student-epochs", type=int, default=1)
+    ap.add_argument("--paper", action="store_true",
+                    help="the paper's protocol at the PAPER budget; without --method: every method in turn")
+    ap.add_argument("--etas", type=float, nargs="+", default=None, help="(default: 0 0.05 0.1 0.2 0.3; "
+                    "--paper: 0.05 0.1 0.15 0.2 0.25 0.3)")
+    ap.add_argument("--chips", type=int, default=None, help="chips per η (default 10; --paper 20)")
+    ap.add_argument("--eval-limit", type=int, default=None,
+                    help="test images per chip evaluation (default 2000; --paper 10000)")
+    ap.add_argument("--teacher-epochs", type=int, default=None)
+    ap.add_argument("--finetune-epochs", type=int, default=None)
+    ap.add_argument("--student-epochs", type=int, default=None)
+    ap.add_argument("--student-teacher", choices=("clean", "finetuned"), default=None,
+                    help="distillation teacher: the clean float model or the clipped fine-tuned one "
+                         "(default clean; --paper finetuned)")
+    ap.add_argument("--clean-grad", dest="clean_grad", action="store_true", default=None,
+                    help="backward through the clean weights (clean_grad_input; --paper default)")
+    ap.add_argument("--no-clean-grad", dest="clean_grad", action="store_false")
+    ap.add_argument("--T", type=float, default=None, help="distillation temperature (default 6)")
+    ap.add_argument("--alpha", type=float, default=None, help="distillation weight of 'distill' (default 1)")
+    ap.add_argument("--clip-k", type=float, default=2.0,
+                    help="clip to ±k·std(W); the noise reference is w_max − w_min = 2k·std(W) (default 2)")
+    ap.add_argument("--no-adc", dest="adc", action="store_false", default=None,
+                    help="ablation: no output (ADC) quantizer (weights and inputs stay 8-bit)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
+    for k, v in (PAPER if args.paper else _LEGACY).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.paper and not args.table and args.method is None and not args.prepare_only:
+        rc = 0
+        for m in ("distill", "inject", "finetuned", "none"):
+            rc = rc or main(list(argv if argv is not None else sys.argv[1:]) + ["--method", m])
+        print(table(args.out, args.etas))
+        return rc
     if args.table:
         print(table(args.out, args.etas))
         return 0
@@ -119,9 +165,11 @@ def main(argv=None):
         f"out_dir={args.out}", "resume=true", f"threads={args.threads}", f"seed={args.seed}",
         f"progress={str(args.progress).lower()}", "ckpt_every=200",
         f"teacher.epochs={args.teacher_epochs}", "teacher.lr=0.05",
-        f"finetune.epochs={args.finetune_epochs}", "finetune.lr=0.01",
+        f"finetune.epochs={args.finetune_epochs}", "finetune.lr=0.01", f"finetune.clip_k={args.clip_k}",
         f"student.epochs={args.student_epochs}", "student.lr=0.01",
-        "quant.w_bits=8", "quant.in_bits=8", "quant.out_bits=8",
+        f"student.teacher={args.student_teacher}", f"student.clean_grad_input={str(args.clean_grad).lower()}",
+        f"student.T={args.T}",
+        "quant.w_bits=8", "quant.in_bits=8", f"quant.out_bits={8 if args.adc else 'null'}",
         f"eval.chips={args.chips}", f"eval.test_limit={args.eval_limit}", "eval.batch_size=500",
         "data.eval_batch_size=1000",
     ])
@@ -135,8 +183,10 @@ def main(argv=None):
     prep_path = os.path.join(args.out, "prepare.json")
     if not os.path.exists(prep_path):
         _store(prep_path, {"teacher": c.results["clean"]["teacher (float)"],
-                           "finetuned": c.results["clean"]["clipped ±2σ + fine-tuned"],
+                           "finetuned": c.results["clean"][f"clipped ±{args.clip_k:g}σ + fine-tuned"],
                            "quantized": c.results["clean"]["+ quantized"], "n_test": len(c.test_ds)})
+    _store(os.path.join(args.out, "settings.json"), {k: v for k, v in vars(args).items()
+                                                      if k not in ("table", "prepare_only", "method")})
     print(f"prepared in {time.time() - t0:.0f} s", flush=True)
     if args.prepare_only:
         return 0
@@ -157,7 +207,7 @@ def main(argv=None):
 
     if args.method in ("none", "finetuned"):
         if args.method == "none":
-            model = noisyops.convert(copy.deepcopy(c.teacher), LayerConfig(w_range=2.0), seed=c.seed)
+            model = noisyops.convert(copy.deepcopy(c.teacher), LayerConfig(w_range=float(args.clip_k)), seed=c.seed)
             quantize(model, cfg["quant"], c.calib)
         else:
             model = c.ft
@@ -176,7 +226,7 @@ def main(argv=None):
             record(eta, r, clean, time.time() - t1, clean_eval)
         return 0
 
-    alpha = 1.0 if args.method == "distill" else 0.0
+    alpha = float(args.alpha) if args.method == "distill" else 0.0
     for eta in args.etas:
         key = f"{eta:g}"
         if key in done and done[key].get("clean_eval") is not None:

@@ -19,7 +19,7 @@ RNG contract: repeats are chips ``chip_offset..chip_offset+R-1`` (per_instance),
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..evaluation import as_batches, default_chip_forward, noise_disabled, resolve_group_size
 from ._common import check_kind_target, check_levels, configs_restored, noisy_layers, set_noise
 
-__all__ = ["bin_edges", "discretize", "entropy_bits", "binned_mutual_information",
+__all__ = ["level_at_fraction", "bin_edges", "discretize", "entropy_bits", "binned_mutual_information",
            "collect_outputs", "mutual_information_sweep"]
 
 
@@ -137,8 +137,8 @@ def mutual_information_sweep(model: nn.Module, data, levels: Sequence[float], *,
         rows: List[dict] = []
         it = lv
         if progress:
-            from tqdm.auto import tqdm
-            it = tqdm(lv, desc="mutual information", unit="level")
+            from ..progress import progress_iter
+            it = progress_iter(lv, desc="mutual information", unit="level")
         with configs_restored(model):
             for s in it:
                 set_noise(model, s, kind, target)
@@ -152,3 +152,19 @@ def mutual_information_sweep(model: nn.Module, data, levels: Sequence[float], *,
     n = sum(int(y.numel()) for _, y in batches)
     return {"clean": clean_mi, "rows": rows, "kind": kind, "target": target, "output": output,
             "bins": bins, "n_inputs": n, "n_repeats": n_repeats}
+
+
+def level_at_fraction(rows: Sequence[dict], fraction: float = 0.5) -> Optional[float]:
+    """The noise level where the normalised MI first falls to ``fraction`` (rows sorted by
+    ``level``), linearly interpolated between the two grid levels around it; None if it never
+    falls that far on the grid."""
+    prev = None
+    for r in rows:
+        v = r["normalized"]
+        if v <= fraction:
+            if prev is None:
+                return float(r["level"])
+            l0, v0 = prev
+            return float(l0 + (r["level"] - l0) * (v0 - fraction) / (v0 - v))
+        prev = (r["level"], v)
+    return None

@@ -100,7 +100,8 @@ def plot_bias_variance(rows: List[dict], path: str,
         ax.plot(x, [r[key] for r in rows], style, ms=3, label=key)
     ax.plot(x, [r["l_pretrained"] for r in rows], "g--", label="l_pretrained")
     ax.set_xlabel("σ_N / σ_W")
-    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_ylabel("cross-entropy (nats)" if rows and rows[0].get("loss") == "log"
+                  else "squared error of the softmax vector (mean over outputs)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -85,14 +85,20 @@ def write_report(out_dir: str, meta: Mapping[str, object], results: Mapping[str,
               _img(figures, "grid", out_dir), ""]
     bv = results.get("biasvar")
     if bv:
+        from .bias_variance import crossover_ratio
+        unit = ("Cross-entropy in nats (log-loss decomposition around the normalised geometric mean)"
+                if bv[0].get("loss") == "log" else
+                "Squared error of the softmax vector against the one-hot label, mean over the outputs "
+                "(the paper's eq. 1-5, around the arithmetic mean of the instances)")
         L += ["## Bias/variance decomposition of the loss (Noisy Machines eq. 1-5)", "",
-              "Cross-entropy in nats, averaged over test samples; l_total = l_bias + l_var; "
+              f"{unit}, averaged over {bv[0]['n_samples']} test samples; l_total = l_bias + l_var; "
               f"{bv[0]['n_instances']} noise instances per ratio.", ""]
         rows = [[f"{r['ratio']:g}", _fmt(r["l_total"]), _fmt(r["l_bias"]), _fmt(r["l_var"]),
                  _fmt(r["l_pretrained"])] for r in bv]
         cross = next((r["ratio"] for r in bv if r["l_var"] > r["l_bias"]), None)
         L += [markdown_table(["σ_N/σ_W", "l_total", "l_bias", "l_var", "l_pretrained"], rows), "",
-              f"First ratio of the grid with l_var > l_bias: {_fmt(cross)}.",
+              f"First ratio of the grid with l_var > l_bias: {_fmt(cross)}; crossover "
+              f"(linear interpolation of l_var − l_bias): {_fmt(crossover_ratio(bv))}.",
               _img(figures, "biasvar", out_dir), ""]
     mi = results.get("mi")
     if mi:
@@ -103,7 +109,10 @@ def write_report(out_dir: str, meta: Mapping[str, object], results: Mapping[str,
         f3 = lambda v: f"{v + 0.0:.3f}" if abs(v) >= 5e-4 else "0.000"  # noqa: E731 (no "-0.000")
         rows = [[f"{r['level']:g}", f3(r["mi"]), f3(r["h_t"]), f3(r["h_t_given_x"]),
                  f3(r["normalized"])] for r in mi["rows"]]
-        L += [markdown_table(["level", "I (bits)", "H(T)", "H(T\\|X)", "I / I_clean"], rows),
+        from .mutual_info import level_at_fraction
+        L += [markdown_table(["level", "I (bits)", "H(T)", "H(T\\|X)", "I / I_clean"], rows), "",
+              f"Normalised MI falls to 0.5 at level {_fmt(level_at_fraction(mi['rows'], 0.5))} and to 0.1 "
+              f"at {_fmt(level_at_fraction(mi['rows'], 0.1))} (linear interpolation; – = not on the grid).",
               _img(figures, "mi", out_dir), ""]
     for i, wk in enumerate(results.get("walking") or []):
         L += [f"## Walking Noise: {wk['kind']} noise on {wk['target']}", "",

@@ -53,8 +53,8 @@ def eta_sweep(models: Mapping[str, nn.Module], data, etas: Sequence[float], *, n
     batches = data if isinstance(data, list) else as_batches(data, batch_size)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(models) * len(lv), desc="eta sweep", unit="point")
+        from ..progress import progress_bar
+        bar = progress_bar(total=len(models) * len(lv), desc="eta sweep", unit="point")
     try:
         return {name: _sweep_one(m, batches, lv, kind, target, n_chips, group_size, chip_offset, bar)
                 for name, m in models.items()}

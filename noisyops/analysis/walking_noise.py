@@ -116,8 +116,8 @@ def walking_noise(model: nn.Module, data, levels: Sequence[float], *, kind: str 
         mids: Dict[str, dict] = {}
         bar = None
         if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(names) * len(lv), desc=f"walking {kind}/{target}", unit="level")
+            from ..progress import progress_bar
+            bar = progress_bar(total=len(names) * len(lv), desc=f"walking {kind}/{target}", unit="level")
         try:
             for name in names:
                 rows = []

@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 __all__ = ["TensorImageDataset", "SeededTransformDataset", "ResumableSampler", "ResumableLoader",
            "build_dataset", "make_loader", "default_data_root", "MNIST_MEAN", "MNIST_STD",
-           "CIFAR_MEAN", "CIFAR_STD", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "CIFAR_MEAN", "CIFAR_STD", "IMAGENET_MEAN", "IMAGENET_STD", "DatasetNotFoundError",
+           "image_folder_dataset", "image_folder_split"]
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 # The shared CIFAR ResNet weights were trained with these (see ../shared/weights/README.md).
@@ -213,11 +214,27 @@ def make_loader(dataset, batch_size: int, *, train: bool, seed: int = 0, rank: i
                            world_size=world_size, drop_last=train, num_workers=num_workers)
 
 
-def _mnist(root: str, train: bool, pad: int) -> TensorImageDataset:
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset is not where it was looked for; the message says where and what to pass."""
+
+
+_ROOT_HINT = ("Pass the folder that holds it (CLI --data-root DIR, config data.root=DIR, or $NOISYOPS_DATA), "
+              "or allow the download with --download (config data.download=true; needs internet).")
+
+
+def _not_found(name: str, looked: Sequence[str], layout: str, hint: str = _ROOT_HINT) -> DatasetNotFoundError:
+    where = "\n".join(f"  - {os.path.abspath(p)}" for p in looked)
+    return DatasetNotFoundError(f"dataset {name!r} not found. Looked for {layout} in:\n{where}\n{hint}")
+
+
+def _mnist(root: str, train: bool, pad: int, download: bool = False) -> TensorImageDataset:
     from torchvision.datasets import MNIST
     try:
         ds = MNIST(root, train=train, download=False)
     except RuntimeError:
+        if not download:
+            raise _not_found("mnist", [os.path.join(root, "MNIST", "raw")],
+                             "the MNIST files (train-images-idx3-ubyte[.gz], ...) in MNIST/raw") from None
         ds = MNIST(root, train=train, download=True)
     return TensorImageDataset(ds.data.unsqueeze(-1).contiguous(), ds.targets, MNIST_MEAN, MNIST_STD, pad=pad)
 
@@ -237,7 +254,7 @@ def _cifar_class():
     return CIFAR10, CIFAR10Mini
 
 
-def _cifar10(root: str, train: bool, augment: bool, seed: int) -> TensorImageDataset:
+def _cifar10(root: str, train: bool, augment: bool, seed: int, download: bool = False) -> TensorImageDataset:
     CIFAR10, CIFAR10Mini = _cifar_class()
     folder = os.path.join(root, "cifar-10-batches-py")
     mini = os.path.join(root, "cifar10_mini")
@@ -247,8 +264,11 @@ def _cifar10(root: str, train: bool, augment: bool, seed: int) -> TensorImageDat
         ds = CIFAR10Mini(root, train=train, download=False)
     elif os.path.isdir(os.path.join(mini, "cifar-10-batches-py")):
         ds = CIFAR10Mini(mini, train=train, download=False)
-    else:
+    elif download:
         ds = CIFAR10(root, train=train, download=True)
+    else:
+        raise _not_found("cifar10", [folder, os.path.join(mini, "cifar-10-batches-py")],
+                         "a cifar-10-batches-py folder (data_batch_*, test_batch)")
     images = torch.from_numpy(ds.data).contiguous()
     labels = torch.tensor(ds.targets, dtype=torch.long)
     return TensorImageDataset(images, labels, CIFAR_MEAN, CIFAR_STD, augment=augment, seed=seed)
@@ -258,8 +278,8 @@ def _imagenet(root: str, train: bool, seed: int):
     from torchvision import datasets, transforms as T
     split = os.path.join(root, "train" if train else "val")
     if not os.path.isdir(split):
-        raise FileNotFoundError(f"ImageNet folder {split!r} not found: expected root/train and root/val "
-                                f"ImageFolder trees")
+        raise _not_found("imagenet", [split], "an ImageFolder tree (root/train/<class>/*, root/val/<class>/*)",
+                         "Pass the folder that holds train/ and val/ (config data.root=DIR).")
     norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     if train:
         tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
@@ -268,19 +288,58 @@ def _imagenet(root: str, train: bool, seed: int):
     return SeededTransformDataset(datasets.ImageFolder(split), tf, seed=seed)
 
 
+def image_folder_split(path: str, train: bool) -> Optional[str]:
+    """The class-folder tree of an ``imagefolder:PATH`` dataset: evaluation uses ``PATH/val`` if it
+    exists, else ``PATH`` itself (unless ``PATH`` only holds ``train``); training / calibration uses
+    ``PATH/train`` (None when absent). Raises `DatasetNotFoundError` when nothing fits."""
+    if train:
+        split = os.path.join(path, "train")
+        return split if os.path.isdir(split) else None
+    val = os.path.join(path, "val")
+    if os.path.isdir(val):
+        return val
+    subdirs = [d for d in (os.listdir(path) if os.path.isdir(path) else [])
+               if os.path.isdir(os.path.join(path, d))]
+    if not subdirs or subdirs == ["train"]:
+        raise _not_found(f"imagefolder:{path}", [val, path],
+                         "an ImageFolder tree (PATH/val/<class>/<image>, or PATH/<class>/<image>)",
+                         "Pass --dataset imagefolder:PATH with such a tree (PATH/train, if present, "
+                         "is used for calibration).")
+    return path
+
+
+def image_folder_dataset(path: str, *, train: bool = False, resize: int = 256, crop: int = 224,
+                         mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                         grayscale: bool = False):
+    """An evaluation `ImageFolder` of ``imagefolder:PATH`` (`image_folder_split`) with the usual
+    evaluation transform: shorter side resized to ``resize`` (bilinear), centre crop ``crop × crop``,
+    ``ToTensor`` (pixels in [0, 1]), ``Normalize(mean, std)`` (ImageNet statistics by default;
+    ``grayscale`` converts to one channel first). Returns None for ``train=True`` without ``PATH/train``.
+    Samples are ``(x [C, crop, crop] float32, class index)``; classes are the sorted folder names."""
+    from torchvision import datasets, transforms as T
+    split = image_folder_split(path, train)
+    if split is None:
+        return None
+    tf = ([T.Grayscale(1)] if grayscale else []) + [T.Resize(resize), T.CenterCrop(crop), T.ToTensor(),
+                                                    T.Normalize(mean, std)]
+    return datasets.ImageFolder(split, transform=T.Compose(tf))
+
+
 def build_dataset(name: str, root: Optional[str] = None, *, train: bool, augment: Optional[bool] = None,
-                  seed: int = 0, pad: int = 0, limit: Optional[int] = None):
+                  seed: int = 0, pad: int = 0, limit: Optional[int] = None, download: bool = False):
     """``name`` in {"mnist", "cifar10", "imagenet"}; ``root`` defaults to `default_data_root`.
 
     ``augment`` defaults to True for CIFAR/ImageNet training sets. ``pad`` (MNIST only) zero-pads the
-    28×28 digits. ``limit`` keeps the first ``limit`` samples (tiny runs and tests).
+    28×28 digits. ``limit`` keeps the first ``limit`` samples (tiny runs and tests). A dataset that is
+    not under ``root`` raises `DatasetNotFoundError` (where it looked, what to pass) unless
+    ``download=True``, which lets torchvision fetch MNIST / CIFAR-10 into ``root``.
     """
     root = root or default_data_root()
     name = name.lower()
     if name == "mnist":
-        ds = _mnist(root, train, pad)
+        ds = _mnist(root, train, pad, download)
     elif name in ("cifar10", "cifar-10", "cifar10_mini"):
-        ds = _cifar10(root, train, train if augment is None else augment, seed)
+        ds = _cifar10(root, train, train if augment is None else augment, seed, download)
     elif name == "imagenet":
         ds = _imagenet(root, train, seed)
     else:

@@ -1,0 +1,47 @@
+"""The reproduction scripts' bookkeeping (no training): the --paper preset of train.reproduce_mnist,
+its table, and the tolerated-η summary of train.reproduce_cifar on hand-made results."""
+import json
+import os
+
+import pytest
+
+from train import reproduce_cifar as RC
+from train import reproduce_mnist as RM
+
+
+def test_tolerated_eta_by_hand():
+    # clean 0.90; the curve falls to 0.88 at η = 0.04 and 0.80 at 0.08: a drop of 0.02 is reached
+    # exactly at 0.04, a drop of 0.06 three quarters of the way from 0.04 to 0.08
+    curve = [(0.02, 0.895), (0.04, 0.88), (0.08, 0.80)]
+    assert RC.tolerated_eta(0.90, curve, 0.02) == pytest.approx(0.04)
+    assert RC.tolerated_eta(0.90, curve, 0.06) == pytest.approx(0.04 + 0.04 * (0.88 - 0.84) / 0.08)
+    assert RC.tolerated_eta(0.90, curve, 0.2) is None
+    assert RC.tolerated_eta(0.90, [(0.02, 0.80)], 0.05) == pytest.approx(0.01)   # from (0, clean)
+
+
+def test_cifar_summary_ratio():
+    res = {"clean_finetuned": 0.90, "n_eval": 100, "budget": {},
+           "students": {"inject/0.02/0": {"mean": 0.89}, "inject/0.02/1": {"mean": 0.87},
+                        "inject/0.04/0": {"mean": 0.80}, "inject/0.04/1": {"mean": 0.80},
+                        "distill/0.02/0": {"mean": 0.90}, "distill/0.04/0": {"mean": 0.86},
+                        "none/0.02/0": {"mean": 0.70}, "none/0.04/0": {"mean": 0.50}}}
+    s = RC.summarize(res, drops=(0.02,))
+    assert s["methods"]["inject"][0.02] == {"mean": pytest.approx(0.88), "runs": [0.89, 0.87]}
+    assert s["tolerated"]["inject"][0.02] == pytest.approx(0.02)          # 0.88 at 0.02
+    assert s["tolerated"]["distill"][0.02] == pytest.approx(0.02 + 0.02 * 0.02 / 0.04)
+    assert s["ratio"][0.02] == pytest.approx(1.5)
+    text = RC.table(res)
+    assert "88.00 (89.00, 87.00)" in text and "| 2 points |" in text
+
+
+def test_mnist_paper_preset_and_table(tmp_path, capsys):
+    assert RM.PAPER["etas"] == [0.05, 0.1, 0.15, 0.2, 0.25, 0.3]
+    assert RM.PAPER["student_teacher"] == "finetuned" and RM.PAPER["clean_grad"] is True
+    assert (RM.PAPER["T"], RM.PAPER["alpha"], RM.PAPER["adc"]) == (6.0, 1.0, True)
+    out = str(tmp_path)
+    with open(os.path.join(out, "results_distill.json"), "w") as f:
+        json.dump({"0.2": {"mean": 0.99, "std": 0.001, "n": 20, "clean": 0.991, "clean_eval": 0.991}}, f)
+    assert RM.main(["--paper", "--table", "--out", out]) == 0
+    text = capsys.readouterr().out
+    assert "| η=0.05 | η=0.1 | η=0.15 | η=0.2 | η=0.25 | η=0.3 |" in text
+    assert "| noise injection + distillation | not run | not run | not run | 99.00 ± 0.10 |" in text
