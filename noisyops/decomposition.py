@@ -221,8 +221,8 @@ torch.library.register_autograd("noisyops::add_output_noise", lambda ctx, g: (g,
 
 # ---- the decomposed layers ----------------------------------------------------------------------------
 # The bias is fused into the product (so the forward equals the eager op's fused-bias product bit for
-# bit) but its gradient is the broadcast sum of grad_y, as the eager op computes it, not the one
-# aten's conv backward computes in its own summation order: ``y = conv(x, W, b.detach()) + (b − b.detach())``
+# bit). A conv's bias gradient is then aten's conv backward's, as the eager op's; a linear's is the
+# broadcast sum of grad_y, as the eager op computes it: ``y = conv(x, W, b.detach()) + (b − b.detach())``
 # (the second term is exactly 0 in the forward; inductor folds it into the consumer of y).
 def _value(bias: Optional[Tensor]) -> Optional[Tensor]:
     return None if bias is None else bias.detach()
@@ -257,8 +257,8 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, d
     xq = quantize_ste(x, p.in_lo, p.in_hi, p.in_bits).to(x.dtype) if p.in_bits else x
     wn = noisy_weights(weight, p, instance)
     if not (p.out_bits or p.out_noise > 0):
-        y = F.conv2d(xq, wn, _value(bias), stride, padding, dilation, groups)
-        return y if bias is None else y + _bias_grad_path(bias).view(1, -1, 1, 1)
+        # the eager op's bias gradient is aten's conv backward's own (bit for bit), as here
+        return F.conv2d(xq, wn, bias, stride, padding, dilation, groups)
     y = F.conv2d(xq, wn, None, stride, padding, dilation, groups)
     return _epilogue(y, bias, lambda b: b.view(1, -1, 1, 1), p, instance, x.dtype)
 
