@@ -10,6 +10,9 @@
 //   out_noise_        y += σ_out·ε'' (purpose 2; element t·numel(y) + logical row-major index)
 //   out_quant_        per tile: pack the bit mask [lo <= y <= hi] in storage order into int32 words,
 //                     quantize, and write or accumulate into the tile sum
+//   quantize_mask_out backward: xq = Q(x) and the packed bits [lo <= x <= hi] in one pass over x
+//   mask_grad_out     g where the packed bit is set, else 0 (out mask, or the input's bits above);
+//                     in place when out is g
 //
 // Quantizer: exactly the reference, lo + rint((clamp(v) - lo) / Δ)·Δ with a true division and
 // round-half-even, computed in float32 (float64 for double tensors); the build sets
@@ -413,6 +416,7 @@ void out_quant_(torch::Tensor part, torch::Tensor acc, torch::Tensor words, doub
 
 // ---- backward: gradient through one tile's output mask ------------------------------------------
 // out[i] = bit i of words ? g[i] : 0, i in storage order (g dense, float or double).
+// Masked lanes get +0 (AND with the bit mask in AVX2: the same value as the scalar T(0)).
 template <typename T>
 void mask_grad_impl(const T* g, T* out, const int32_t* words, int64_t numel) {
   const int64_t nwords = (numel + 31) / 32;
@@ -426,6 +430,36 @@ void mask_grad_impl(const T* g, T* out, const int32_t* words, int64_t numel) {
   });
 }
 
+#if defined(NOISYOPS_CPU_AVX2)
+// 8 lanes of a mask word's byte: lane l passes where bit l of the byte is set (all ones), else 0.
+inline __m256 bits8_to_mask(uint32_t byte) {
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i b = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(byte)), lane_bit);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, lane_bit));
+}
+
+template <>
+void mask_grad_impl<float>(const float* g, float* out, const int32_t* words, int64_t numel) {
+  const int64_t nwords = (numel + 31) / 32;
+  const int64_t full = numel / 32;
+  at::parallel_for(0, nwords, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t wd = begin; wd < end; ++wd) {
+      const int64_t i0 = wd * 32;
+      const uint32_t bw = static_cast<uint32_t>(words[wd]);
+      if (wd < full) {
+        for (int j = 0; j < 4; ++j) {
+          const __m256 m = bits8_to_mask((bw >> (8 * j)) & 0xFFu);
+          _mm256_storeu_ps(out + i0 + 8 * j, _mm256_and_ps(_mm256_loadu_ps(g + i0 + 8 * j), m));
+        }
+      } else {
+        for (int64_t j = 0; j < numel - i0; ++j) out[i0 + j] = ((bw >> j) & 1u) ? g[i0 + j] : 0.0f;
+      }
+    }
+  });
+}
+#endif
+
+// out may be g itself (in place).
 void mask_grad_out(torch::Tensor g, torch::Tensor words, torch::Tensor out) {
   check_dense(g, "g");
   check_dense(out, "out");
@@ -448,6 +482,82 @@ torch::Tensor mask_grad(torch::Tensor g, torch::Tensor words) {
   auto out = torch::empty_like(g, at::MemoryFormat::Preserve);
   mask_grad_out(g, words, out);
   return out;
+}
+
+// ---- backward: re-quantize x and pack its straight-through mask, one pass ------------------------
+// out[i] = Q(x[i]) and bit i of words = [lo <= x[i] <= hi], i in storage order: the weight gradient
+// needs Q(x) anyway, and the bits (1/32 of x) replace a second read of x for the input's mask.
+template <typename T>
+void quantize_mask_impl(const T* x, T* out, int32_t* words, int64_t numel, double lo_, double hi_,
+                        int64_t bits) {
+  const Q<T> q(lo_, hi_, bits);
+  const int64_t nwords = (numel + 31) / 32;
+  at::parallel_for(0, nwords, 512, [&](int64_t begin, int64_t end) {
+    for (int64_t wd = begin; wd < end; ++wd) {
+      const int64_t i0 = wd * 32;
+      const int64_t n = std::min<int64_t>(32, numel - i0);
+      uint32_t bw = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const T v = x[i0 + j];
+        bw |= static_cast<uint32_t>(v >= q.lo && v <= q.hi) << j;
+        out[i0 + j] = quant<T>(v, q.lo, q.hi, q.delta);
+      }
+      words[wd] = static_cast<int32_t>(bw);
+    }
+  });
+}
+
+#if defined(NOISYOPS_CPU_AVX2)
+template <>
+void quantize_mask_impl<float>(const float* x, float* out, int32_t* words, int64_t numel, double lo_,
+                               double hi_, int64_t bits) {
+  const Q<float> q(lo_, hi_, bits);
+  const __m256 lo = _mm256_set1_ps(q.lo), hi = _mm256_set1_ps(q.hi), delta = _mm256_set1_ps(q.delta);
+  const int64_t nwords = (numel + 31) / 32;
+  const int64_t full = numel / 32;
+  at::parallel_for(0, nwords, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t wd = begin; wd < end; ++wd) {
+      const int64_t i0 = wd * 32;
+      uint32_t bw = 0;
+      if (wd < full) {
+        for (int j = 0; j < 4; ++j) {
+          const __m256 v = _mm256_loadu_ps(x + i0 + 8 * j);
+          bw |= inrange8(v, lo, hi) << (8 * j);
+          _mm256_storeu_ps(out + i0 + 8 * j, quant8(v, lo, hi, delta));
+        }
+      } else {
+        for (int64_t j = 0; j < numel - i0; ++j) {
+          const float v = x[i0 + j];
+          bw |= static_cast<uint32_t>(v >= q.lo && v <= q.hi) << j;
+          out[i0 + j] = quant<float>(v, q.lo, q.hi, q.delta);
+        }
+      }
+      words[wd] = static_cast<int32_t>(bw);
+    }
+  });
+}
+#endif
+
+void quantize_mask_out(torch::Tensor x, torch::Tensor out, torch::Tensor words, double lo, double hi,
+                       int64_t bits) {
+  check_dense(x, "x");
+  check_dense(out, "out");
+  TORCH_CHECK(same_layout(x, out) && x.scalar_type() == out.scalar_type(),
+              "quantize_mask_out: out must have the shape, layout and dtype of x");
+  TORCH_CHECK(words.scalar_type() == torch::kInt && words.is_contiguous() &&
+                  words.numel() == (x.numel() + 31) / 32,
+              "quantize_mask_out: words must be int32 contiguous [", (x.numel() + 31) / 32, "], got ",
+              words.scalar_type(), " ", words.sizes());
+  TORCH_CHECK(bits >= 1 && bits <= 16, "quantize_mask_out: bits=", bits, ": expected 1..16");
+  if (x.scalar_type() == torch::kFloat) {
+    quantize_mask_impl<float>(x.data_ptr<float>(), out.data_ptr<float>(), words.data_ptr<int32_t>(),
+                              x.numel(), lo, hi, bits);
+  } else if (x.scalar_type() == torch::kDouble) {
+    quantize_mask_impl<double>(x.data_ptr<double>(), out.data_ptr<double>(), words.data_ptr<int32_t>(),
+                               x.numel(), lo, hi, bits);
+  } else {
+    TORCH_CHECK(false, "quantize_mask_out: x must be float32 or float64, got ", x.scalar_type());
+  }
 }
 
 // ---- stream throughput helper (benchmarks) ---------------------------------------------------------
@@ -491,8 +601,12 @@ void register_cpu_kernels(pybind11::module_& m) {
         "part"_a, "acc"_a, "words"_a, "lo"_a, "hi"_a, "bits"_a, "first"_a);
   m.def("cpu_mask_grad", &cpu::mask_grad, "g where the packed mask bit is set, else 0 (new tensor)",
         "g"_a, "words"_a);
-  m.def("cpu_mask_grad_out", &cpu::mask_grad_out, "out = g where the packed mask bit is set, else 0",
+  m.def("cpu_mask_grad_out", &cpu::mask_grad_out,
+        "out = g where the packed mask bit is set, else 0 (out may be g: in place)",
         "g"_a, "words"_a, "out"_a);
+  m.def("cpu_quantize_mask_out", &cpu::quantize_mask_out,
+        "out = Q(x; lo, hi, bits) and words = packed bits [lo <= x <= hi] (storage order), one pass",
+        "x"_a, "out"_a, "words"_a, "lo"_a, "hi"_a, "bits"_a);
   m.def("cpu_normals", &cpu::normals, "vectorised float32 normals of one stream [numel]", "seed"_a,
         "layer_key"_a, "purpose"_a, "instance"_a, "numel"_a);
 }

@@ -90,6 +90,18 @@ def _workspace(slot: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return buf[:n].as_strided(like.shape, like.stride())
 
 
+def _bits_workspace(slot: str, numel: int) -> torch.Tensor:
+    """A reused per-thread int32 buffer for the packed bits of ``numel`` elements (1/32 of them)."""
+    bufs = getattr(_tls, "bufs", None)
+    if bufs is None:
+        bufs = _tls.bufs = {}
+    n = (numel + 31) // 32
+    buf = bufs.get(slot)
+    if buf is None or buf.numel() < n or buf.dtype != torch.int32:
+        buf = bufs[slot] = torch.empty(max(n, 1), dtype=torch.int32)
+    return buf[:n]
+
+
 def _quantize_ws(slot, x, lo, hi, bits):
     """``Q(x)`` into a workspace buffer (x dense)."""
     out = _workspace(slot, x, x.dtype)
@@ -424,6 +436,47 @@ def _ste_(grad, ref, lo, hi):
     return grad
 
 
+def _out_masked_grads(g, out_mask, n_tiles: int, owned: bool):
+    """The incoming gradient through each tile's output mask (one pass per tile, C++ AVX2).
+
+    One tile: in place when ``g`` is a copy made in this backward (``owned``: nobody else holds it),
+    else into a reused workspace; never a fresh activation-sized allocation.
+    """
+    C = _C()
+    if n_tiles == 1:
+        out = g if owned else _workspace("bwd_g", g, g.dtype)
+        C.cpu_mask_grad_out(g, out_mask[0].contiguous(), out)
+        return [out]
+    return [C.cpu_mask_grad(g, out_mask[t].contiguous()) for t in range(n_tiles)]
+
+
+def _requantize(xc, p: OpParams, need_x: bool, need_w: bool):
+    """``(x for the weight gradient, packed in-range bits of x or None)``.
+
+    The weight gradient needs ``Q_in(x)`` (xq is not saved); when the input gradient is needed too,
+    the same pass over x packs the input's straight-through bits ``[in_lo <= x <= in_hi]`` (C++
+    `cpu_quantize_mask_out`, storage order of xc), so the mask later reads 1/32 of x instead of x.
+    """
+    if not p.in_bits or not need_w:
+        return xc, None
+    xq = _workspace("bwd_xq", xc, xc.dtype)
+    if not need_x:
+        _C().cpu_quantize_out(xc, xq, p.in_lo, p.in_hi, p.in_bits)
+        return xq, None
+    bits = _bits_workspace("bwd_xbits", xc.numel())
+    _C().cpu_quantize_mask_out(xc, xq, bits, p.in_lo, p.in_hi, p.in_bits)
+    return xq, bits
+
+
+def _input_ste_(grad_x, xc, x_bits, p: OpParams):
+    """The input quantizer's straight-through mask on ``grad_x`` (owned by this backward), in place:
+    from the bits packed by `_requantize` when grad_x has xc's storage order, else from xc."""
+    if x_bits is not None and _is_dense(grad_x) and _same_layout(grad_x.shape, grad_x.stride(), xc.stride()):
+        _C().cpu_mask_grad_out(grad_x, x_bits, grad_x)
+        return grad_x
+    return _ste_(grad_x, xc, p.in_lo, p.in_hi)
+
+
 def _backward(layer, grad_y, x, weight, p: OpParams, instance, out_mask, y_stride, need_x, need_w):
     if x.dtype not in _SUPPORTED or weight.dtype != x.dtype:
         return NotImplemented
@@ -437,14 +490,11 @@ def _backward(layer, grad_y, x, weight, p: OpParams, instance, out_mask, y_strid
         # the mask bits follow y's storage order: lay the gradient out like y was
         g = torch.empty_strided(g.shape, tuple(y_stride), dtype=cd).copy_(g)
     tiles = layer.tiles(p)
-    if p.out_bits and len(tiles) == 1:
-        g_tiles = [_workspace("bwd_g", g, cd)]
-        C.cpu_mask_grad_out(g, out_mask[0].contiguous(), g_tiles[0])
-    elif p.out_bits:
-        g_tiles = [C.cpu_mask_grad(g, out_mask[t].contiguous()) for t in range(len(tiles))]
+    if p.out_bits:
+        g_tiles = _out_masked_grads(g, out_mask, len(tiles), owned=g is not grad_y)
     else:
         g_tiles = [g] * len(tiles)
-    xq = _quantize_ws("bwd_xq", xc, p.in_lo, p.in_hi, p.in_bits) if p.in_bits and need_w else xc
+    xq, x_bits = _requantize(xc, p, need_x, need_w)
     wsrc = _Weights(weight, p, cd, cd, noise=not p.clean_grad_input)
     grad_x = grad_w = None
     single = len(tiles) == 1
@@ -479,7 +529,7 @@ def _backward(layer, grad_y, x, weight, p: OpParams, instance, out_mask, y_strid
                 layer.w_tile(grad_w, c0, c1).copy_(gw_t)
     if grad_x is not None:
         if p.in_bits:
-            grad_x = _ste_(grad_x, xc, p.in_lo, p.in_hi)
+            grad_x = _input_ste_(grad_x, xc, x_bits, p)
         grad_x = grad_x.to(x.dtype)
     if grad_w is not None:
         if p.w_clip:
