@@ -19,7 +19,8 @@ import torch
 from torch.profiler import profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from resnet50_cpu import clean_model, make_train_step, noisy_model  # noqa: E402
+from resnet50_cpu import clean_model, make_train_step, noisy_model  # noqa: E402  (puts this tree first)
+import noisyops  # noqa: E402
 
 
 def self_times(prof) -> dict:
@@ -58,6 +59,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    print(f"# noisyops from {noisyops.__file__}, {args.threads} threads, batch {args.batch}")
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 224, 224)
     y = torch.randint(0, 1000, (args.batch,))

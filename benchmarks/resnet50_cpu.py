@@ -37,6 +37,9 @@ import sys
 import time
 
 os.environ.setdefault("NOISYOPS_CHIP_CACHE_MB", "1024")  # 8 ResNet-50 chips in fp32 = 818 MB
+# Measure the noisyops of this source tree (a script's sys.path[0] is benchmarks/, which would
+# otherwise leave the import to whatever noisyops is installed).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -238,6 +241,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     results = {"machine": machine(), "args": vars(args), "command": " ".join([sys.executable] + sys.argv),
+               "noisyops": noisyops.__file__,
                "chip_cache_mb": os.environ["NOISYOPS_CHIP_CACHE_MB"],
                "backends": {k: list(v) for k, v in dispatch.status().items()}}
     variants = ("clean", "noisyops") if args.skip_naive else ("clean", "noisyops", "naive")
@@ -324,6 +328,7 @@ def main(argv=None):
 
     # table
     m = results["machine"]
+    print(f"# noisyops from {noisyops.__file__}")
     print(f"# ResNet-50, batch {args.batch}, 224x224, {args.threads} threads; {m['cpu']}, {m['cores']} cores, "
           f"torch {m['torch']}; medians of {args.repeats} interleaved repeats ({args.chip_repeats} for chips)")
     print(f"{'what':<22} {'variant':<10} {'median s':>10} {'img/s':>8} {'vs clean':>9}")
