@@ -202,6 +202,61 @@ def test_backward_fused_input_mask_matches_reference_and_keeps_grad(channels_las
     _assert_close(gw, gw_ref, torch.float32, "grad_w")
 
 
+@pytest.mark.parametrize("numel", [37, 70001])  # below / above the kernels' grain: inline / split
+def test_passes_one_region_equal_kernels_run_one_by_one(numel):
+    """Kernels recorded into ``CpuPasses`` and run as one parallel region write exactly what the
+    same kernels write when called one by one (each thread takes a share of every pass)."""
+    from noisyops import _ext
+    C = _ext.cpu()[0]
+    gen = torch.Generator().manual_seed(9)
+    x = 3 * torch.randn(numel, generator=gen)
+    g = torch.randn(numel, generator=gen)
+    words = reference.pack_mask([torch.rand(numel, generator=gen) < 0.7])[0]
+    w = 0.1 * torch.randn(numel, generator=gen)
+    args_w = ([3, 11], -0.2, 0.2, True, 6, 0.01, 0.05, 2**33 + 1, 4)
+    want = dict(gm=torch.empty_like(g), xq=torch.empty_like(x), xq2=torch.empty_like(x),
+                bits=torch.empty_like(words), wn=torch.empty((2, numel)))
+    C.cpu_mask_grad_out(g, words, want["gm"])
+    C.cpu_quantize_mask_out(x, want["xq"], want["bits"], -2.0, 2.5, 8)
+    C.cpu_quantize_out(x, want["xq2"], -2.0, 2.5, 4)
+    C.cpu_noisy_weights_(w, want["wn"], *args_w)
+    got = {k: torch.full_like(v, -7) for k, v in want.items()}
+    ps = C.CpuPasses()
+    ps.mask_grad_out(g, words, got["gm"])
+    ps.quantize_mask_out(x, got["xq"], got["bits"], -2.0, 2.5, 8)
+    ps.quantize_out(x, got["xq2"], -2.0, 2.5, 4)
+    ps.noisy_weights_(w, got["wn"], *args_w)
+    assert len(ps) == 4 and torch.equal(got["wn"], torch.full_like(want["wn"], -7))  # recorded, not run
+    ps.run()
+    assert len(ps) == 0
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_backend_records_its_kernels_in_one_region(monkeypatch):
+    """The backend's forward and backward run their independent kernels through ``CpuPasses``
+    (and give the same result when the extension has no ``CpuPasses``: kernels one by one)."""
+    geom = CONV_GEOMS["plain"]
+    x, w, b = _conv_case(geom, torch.float32)
+    p = _params(CONFIGS["outq_one_tile"], "per_call")
+    inst = _ids("per_call", geom["n"])
+    args = (_pair(geom["stride"]), _pair(geom["padding"]), _pair(geom["dilation"]), geom["groups"])
+    runs = []
+    real = cpu._run
+    monkeypatch.setattr(cpu, "_run", lambda ps: (runs.append(len(ps) if ps is not None else None), real(ps)))
+    y, m = cpu.conv2d_fwd(x, w, b, *args, p, inst)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    gx, gw = cpu.conv2d_bwd(g, x, w, *args, p, inst, m, list(y.stride()), True, True)
+    assert runs == [2, 3], runs  # forward: Q_in(x), Wn; backward: out mask, Q_in(x)+bits, Wn
+    monkeypatch.setattr(cpu, "_new_passes", lambda: None)
+    y2, m2 = cpu.conv2d_fwd(x, w, b, *args, p, inst)
+    gx2, gw2 = cpu.conv2d_bwd(g, x, w, *args, p, inst, m, list(y.stride()), True, True)
+    assert torch.equal(y, y2) and torch.equal(m, m2) and torch.equal(gx, gx2) and torch.equal(gw, gw2)
+    # the weight gradient alone makes no noisy weights (it does not read them): same gradient
+    gx3, gw3 = cpu.conv2d_bwd(g, x, w, *args, p, inst, m, list(y.stride()), False, True)
+    assert gx3 is None and torch.equal(gw3, gw)
+
+
 # ---- conv kernels vs reference ------------------------------------------------------------------
 def _check_conv(cfg_name, sampling, dtype, geom_name, channels_last=False):
     geom = CONV_GEOMS[geom_name]
