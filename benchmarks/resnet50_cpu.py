@@ -158,6 +158,20 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
+def save_partial(results: dict, rows: list, path: str):
+    """Write what is measured so far (a run cut short by a time limit keeps its finished sections)."""
+    results["rows"] = rows
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def print_rows(rows: list):
+    for r in rows:
+        print(f"{r['what']:<22} {r['variant']:<10} {r['median_s']:>10.4f} {r['images_per_s']:>8.2f} "
+              f"{r['throughput_vs_clean']:>9.3f}", flush=True)
+
+
 # ---- memory (subprocess per variant) --------------------------------------------------------------
 def _rss_kb(field):
     with open("/proc/self/status") as f:
@@ -279,6 +293,8 @@ def main(argv=None):
         for v in variants:
             rows.append({"what": what, "variant": v, "median_s": med(t[v]), "images_per_s": args.batch / med(t[v]),
                          "throughput_vs_clean": c / med(t[v]), "all_s": t[v]})
+    print_rows(rows)
+    save_partial(results, rows, args.json)
 
     # repeated evaluation on K chips
     if not args.skip_chips:
@@ -307,6 +323,8 @@ def main(argv=None):
             per = med(t_chips[v]) / n_img
             rows.append({"what": f"{K} chips, per image", "variant": v, "median_s": per,
                          "images_per_s": 1 / per, "throughput_vs_clean": c / per, "all_s": t_chips[v]})
+        print_rows(rows[-len(variants):])
+        save_partial(results, rows, args.json)
     results["rows"] = rows
 
     # normals per second
@@ -332,9 +350,7 @@ def main(argv=None):
     print(f"# ResNet-50, batch {args.batch}, 224x224, {args.threads} threads; {m['cpu']}, {m['cores']} cores, "
           f"torch {m['torch']}; medians of {args.repeats} interleaved repeats ({args.chip_repeats} for chips)")
     print(f"{'what':<22} {'variant':<10} {'median s':>10} {'img/s':>8} {'vs clean':>9}")
-    for r in rows:
-        print(f"{r['what']:<22} {r['variant']:<10} {r['median_s']:>10.4f} {r['images_per_s']:>8.2f} "
-              f"{r['throughput_vs_clean']:>9.3f}")
+    print_rows(rows)
     nps = results["normals_per_s"]
     print(f"normals/s: philox {nps['philox']:.3e}, torch.randn {nps['torch.randn']:.3e}, "
           f"ratio {results['normals_ratio']:.2f}")
