@@ -50,8 +50,8 @@ def available():
     mod, why = _ext.cpu()
     if mod is None:
         return False, why
-    if not hasattr(mod, "cpu_noisy_weights_"):
-        return False, "noisyops._C has no CPU kernels (built from older sources); rebuild the extension"
+    if not hasattr(mod, "cpu_noisy_weights_") or not hasattr(mod, "cpu_quantize_mask_out"):
+        return False, "noisyops._C has no CPU kernels or predates cpu_quantize_mask_out (built from older sources); rebuild the extension"
     return True, "C++ CPU kernels (OpenMP, AVX2) around ATen conv / matmul"
 
 
