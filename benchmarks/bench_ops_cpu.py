@@ -168,3 +168,68 @@ def test_linear_noisy(benchmark):
     x, w = torch.randn(16, 2048), 0.02 * torch.randn(1000, 2048)
     with torch.no_grad():
         benchmark(lambda: functional.noisy_linear(x, w, config=CFG, seed=1, instance=2))
+
+
+# ---- backward passes over activations (issue 12) ------------------------------------------------------
+def _bwd_tensors():
+    x, w = _layer()
+    y = F.conv2d(x, w, None, 1, 1)
+    g = torch.randn_like(y)
+    words = torch.empty((y.numel() + 31) // 32, dtype=torch.int32)
+    C.cpu_out_quant_(y.clone(), y.clone(), words, -2.0, 2.0, 8, True)
+    xbits = torch.empty((x.numel() + 31) // 32, dtype=torch.int32)
+    return x, w, g, words, xbits, torch.empty_like(x), torch.empty_like(g), torch.randn_like(x)
+
+
+@pytest.mark.benchmark(group="backward passes 800k: out mask + Q_in(x) + input STE")
+def test_bwd_passes_separate(benchmark):
+    """Before issue 12: mask g, re-quantize x, then the input mask reads x again."""
+    x, w, g, words, xbits, xq, gm, gx = _bwd_tensors()
+
+    def run():
+        C.cpu_mask_grad_out(g, words, gm)
+        C.cpu_quantize_out(x, xq, -2.0, 2.0, 8)
+        C.cpu_ste_mask_(gx, x, -2.0, 2.0)
+    benchmark(run)
+
+
+@pytest.mark.benchmark(group="backward passes 800k: out mask + Q_in(x) + input STE")
+def test_bwd_passes_fused(benchmark):
+    """Q_in(x) packs the input's bits in the same pass; the mask reads the bits (1/32 of x)."""
+    x, w, g, words, xbits, xq, gm, gx = _bwd_tensors()
+
+    def run():
+        C.cpu_mask_grad_out(g, words, gm)
+        C.cpu_quantize_mask_out(x, xq, xbits, -2.0, 2.0, 8)
+        C.cpu_mask_grad_out(gx, xbits, gx)
+    benchmark(run)
+
+
+@pytest.mark.benchmark(group="backward passes 800k: out mask + Q_in(x) + input STE")
+def test_bwd_passes_fused_one_region(benchmark):
+    """As fused, with the out mask, Q_in(x)+bits and Wn recorded into one parallel region."""
+    x, w, g, words, xbits, xq, gm, gx = _bwd_tensors()
+    wn = torch.empty_like(w).unsqueeze(0)
+
+    def run():
+        ps = C.CpuPasses()
+        ps.mask_grad_out(g, words, gm)
+        ps.quantize_mask_out(x, xq, xbits, -2.0, 2.0, 8)
+        ps.noisy_weights_(w, wn, [7], 0.0, 0.0, False, 0, 0.008, 0.0, 1, 2)
+        ps.run()
+        C.cpu_mask_grad_out(gx, xbits, gx)
+    benchmark(run)
+
+
+@pytest.mark.benchmark(group="backward passes 800k: out mask + Q_in(x) + input STE")
+def test_bwd_passes_fused_separate_regions(benchmark):
+    """The same kernels as the one-region variant, one parallel region each."""
+    x, w, g, words, xbits, xq, gm, gx = _bwd_tensors()
+    wn = torch.empty_like(w).unsqueeze(0)
+
+    def run():
+        C.cpu_mask_grad_out(g, words, gm)
+        C.cpu_quantize_mask_out(x, xq, xbits, -2.0, 2.0, 8)
+        C.cpu_noisy_weights_(w, wn, [7], 0.0, 0.0, False, 0, 0.008, 0.0, 1, 2)
+        C.cpu_mask_grad_out(gx, xbits, gx)
+    benchmark(run)

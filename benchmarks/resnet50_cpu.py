@@ -16,8 +16,13 @@ Side by side in one process, interleaved repeats, medians, ratios to clean (thro
   before it, and the process total);
 * Philox normals per second (``noisyops._C.cpu_normals``) vs ``torch.randn``.
 
-Usage: ``python benchmarks/resnet50_cpu.py [--repeats 5] [--json benchmarks/results/resnet50_cpu.json]``.
-Inputs are random (speed does not depend on the data); weights are torchvision's random init.
+Usage: ``python benchmarks/resnet50_cpu.py [--repeats 5] [--json benchmarks/results/resnet50_cpu.json]``;
+``--quick`` is a smoke run (batch 8, 3 repeats, 4 chips, no naive variant, no memory; JSON to
+``benchmarks/results/resnet50_cpu_quick.json``). After the warm-up of each section the script prints
+its predicted runtime (warm-up time x repeats), and it records the 1-minute load average
+(``os.getloadavg``) before and after each section: on a shared machine, quote the ratios (measured
+interleaved) and say how loaded it was. Inputs are random (speed does not depend on the data);
+weights are torchvision's random init.
 """
 from __future__ import annotations
 
@@ -32,6 +37,9 @@ import sys
 import time
 
 os.environ.setdefault("NOISYOPS_CHIP_CACHE_MB", "1024")  # 8 ResNet-50 chips in fp32 = 818 MB
+# Measure the noisyops of this source tree (a script's sys.path[0] is benchmarks/, which would
+# otherwise leave the import to whatever noisyops is installed).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -119,11 +127,18 @@ def make_train_step(model, x, y):
     return step
 
 
-def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
-    """``{name: [seconds per repeat]}``, the variants run in turn in each repeat."""
+def interleaved(fns: dict, repeats: int, warmup: int = 1, label: str = "") -> dict:
+    """``{name: [seconds per repeat]}``, the variants run in turn in each repeat.
+
+    Prints the section's predicted runtime after the warm-up (warm-up round time x repeats)."""
+    t0 = time.perf_counter()
     for _ in range(warmup):
         for f in fns.values():
             f()
+    if label:
+        per_round = (time.perf_counter() - t0) / max(1, warmup)
+        print(f"[{label}] warm-up {per_round:.1f} s per round; {repeats} repeats: about "
+              f"{per_round * repeats:.0f} s more (load {load():.2f})", flush=True)
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
@@ -136,6 +151,25 @@ def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
 
 def med(v):
     return statistics.median(v)
+
+
+def load() -> float:
+    """The 1-minute load average (how shared the machine is while a section runs)."""
+    return os.getloadavg()[0]
+
+
+def save_partial(results: dict, rows: list, path: str):
+    """Write what is measured so far (a run cut short by a time limit keeps its finished sections)."""
+    results["rows"] = rows
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def print_rows(rows: list):
+    for r in rows:
+        print(f"{r['what']:<22} {r['variant']:<10} {r['median_s']:>10.4f} {r['images_per_s']:>8.2f} "
+              f"{r['throughput_vs_clean']:>9.3f}", flush=True)
 
 
 # ---- memory (subprocess per variant) --------------------------------------------------------------
@@ -198,23 +232,34 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats for eval / train")
-    ap.add_argument("--chip-repeats", type=int, default=3, help="repeats of the 8-chip evaluation")
+    ap.add_argument("--chip-repeats", type=int, default=5, help="repeats of the 8-chip evaluation")
     ap.add_argument("--chips", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-chips", action="store_true")
-    ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                   "results", "resnet50_cpu.json"))
+    ap.add_argument("--skip-naive", action="store_true", help="clean and noisyops only")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: batch 8, 3 repeats, 2 chip repeats, 4 chips, no naive, no memory")
+    ap.add_argument("--json", default=None, help="default benchmarks/results/resnet50_cpu[_quick].json")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.batch, args.repeats, args.chip_repeats, args.chips = 8, 3, 2, 4
+        args.skip_naive = args.skip_memory = True
+    if args.json is None:
+        args.json = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                 "resnet50_cpu_quick.json" if args.quick else "resnet50_cpu.json")
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args.batch, args.threads)))
         return
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     results = {"machine": machine(), "args": vars(args), "command": " ".join([sys.executable] + sys.argv),
+               "noisyops": noisyops.__file__,
                "chip_cache_mb": os.environ["NOISYOPS_CHIP_CACHE_MB"],
                "backends": {k: list(v) for k, v in dispatch.status().items()}}
+    variants = ("clean", "noisyops") if args.skip_naive else ("clean", "noisyops", "naive")
+    results["load_avg_1min"] = {"start": load()}
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 224, 224)
     labels = torch.randint(0, 1000, (args.batch,))
@@ -226,24 +271,30 @@ def main(argv=None):
 
     # eval
     dispatch.reset_counts()
-    t_eval = interleaved({"clean": lambda: eval_step(clean, x), "noisyops": lambda: eval_step(noisy, x),
-                          "naive": lambda: eval_step(naive, x)}, args.repeats)
+    fns = {"clean": lambda: eval_step(clean, x), "noisyops": lambda: eval_step(noisy, x),
+           "naive": lambda: eval_step(naive, x)}
+    t_eval = interleaved({k: fns[k] for k in variants}, args.repeats, label="eval")
+    results["load_avg_1min"]["after_eval"] = load()
     results["eval_backends"] = {f"{k}/{b}": n for (k, b), n in dispatch.backend_counts().items()}
     # train (separate model copies so the optimizers do not interfere)
     import copy
     tc, tn, tv = copy.deepcopy(clean), copy.deepcopy(noisy), copy.deepcopy(naive)
     dispatch.reset_counts()
-    t_train = interleaved({"clean": make_train_step(tc, x, labels), "noisyops": make_train_step(tn, x, labels),
-                           "naive": make_train_step(tv, x, labels)}, args.repeats)
+    fns = {"clean": make_train_step(tc, x, labels), "noisyops": make_train_step(tn, x, labels),
+           "naive": make_train_step(tv, x, labels)}
+    t_train = interleaved({k: fns[k] for k in variants}, args.repeats, label="train step")
+    results["load_avg_1min"]["after_train"] = load()
     results["train_backends"] = {f"{k}/{b}": n for (k, b), n in dispatch.backend_counts().items()}
-    del tc, tn, tv
+    del tc, tn, tv, fns
     gc.collect()
     rows = []
     for what, t in (("eval", t_eval), ("train step", t_train)):
         c = med(t["clean"])
-        for v in ("clean", "noisyops", "naive"):
+        for v in variants:
             rows.append({"what": what, "variant": v, "median_s": med(t[v]), "images_per_s": args.batch / med(t[v]),
                          "throughput_vs_clean": c / med(t[v]), "all_s": t[v]})
+    print_rows(rows)
+    save_partial(results, rows, args.json)
 
     # repeated evaluation on K chips
     if not args.skip_chips:
@@ -261,16 +312,19 @@ def main(argv=None):
                     naive(x)  # fresh noise per chip per batch: the naive way to evaluate K chips
 
         dispatch.reset_counts()
-        t_chips = interleaved({"clean": lambda: eval_step(clean, x), "noisyops": chips_noisy,
-                               "naive": chips_naive}, args.chip_repeats)
+        fns = {"clean": lambda: eval_step(clean, x), "noisyops": chips_noisy, "naive": chips_naive}
+        t_chips = interleaved({k: fns[k] for k in variants}, args.chip_repeats, label=f"{K} chips")
+        results["load_avg_1min"]["after_chips"] = load()
         results["chips_backends"] = {f"{k}/{b}": n for (k, b), n in dispatch.backend_counts().items()}
         results["chip_cache"] = {"hits": CACHE.hits, "misses": CACHE.misses, "mb": CACHE.nbytes / 2**20}
         c = med(t_chips["clean"]) / args.batch
-        for v in ("clean", "noisyops", "naive"):
+        for v in variants:
             n_img = args.batch * (1 if v == "clean" else K)
             per = med(t_chips[v]) / n_img
             rows.append({"what": f"{K} chips, per image", "variant": v, "median_s": per,
                          "images_per_s": 1 / per, "throughput_vs_clean": c / per, "all_s": t_chips[v]})
+        print_rows(rows[-len(variants):])
+        save_partial(results, rows, args.json)
     results["rows"] = rows
 
     # normals per second
@@ -283,6 +337,7 @@ def main(argv=None):
     results["normals_ratio"] = results["normals_per_s"]["philox"] / results["normals_per_s"]["torch.randn"]
 
     if not args.skip_memory:
+        print(f"[memory] 3 subprocesses, one train step each (load {load():.2f})", flush=True)
         mem = measure_memory(args.batch, args.threads)
         results["memory"] = mem
         results["memory_ratio_step_increment"] = mem["noisyops"]["step_increment_mb"] / mem["clean"]["step_increment_mb"]
@@ -291,12 +346,11 @@ def main(argv=None):
 
     # table
     m = results["machine"]
+    print(f"# noisyops from {noisyops.__file__}")
     print(f"# ResNet-50, batch {args.batch}, 224x224, {args.threads} threads; {m['cpu']}, {m['cores']} cores, "
-          f"torch {m['torch']}; medians of {args.repeats} interleaved repeats")
+          f"torch {m['torch']}; medians of {args.repeats} interleaved repeats ({args.chip_repeats} for chips)")
     print(f"{'what':<22} {'variant':<10} {'median s':>10} {'img/s':>8} {'vs clean':>9}")
-    for r in rows:
-        print(f"{r['what']:<22} {r['variant']:<10} {r['median_s']:>10.4f} {r['images_per_s']:>8.2f} "
-              f"{r['throughput_vs_clean']:>9.3f}")
+    print_rows(rows)
     nps = results["normals_per_s"]
     print(f"normals/s: philox {nps['philox']:.3e}, torch.randn {nps['torch.randn']:.3e}, "
           f"ratio {results['normals_ratio']:.2f}")
@@ -308,6 +362,9 @@ def main(argv=None):
               f"peak RSS {results['memory_ratio_peak']:.3f}")
     if "chip_cache" in results:
         print(f"chip cache: {results['chip_cache']}")
+    la = results["load_avg_1min"]
+    la["end"] = load()
+    print("1-min load average (2 cores = 2.0 busy): " + ", ".join(f"{k} {v:.2f}" for k, v in la.items()))
     print(f"runtime {results['runtime_s']:.0f} s")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:

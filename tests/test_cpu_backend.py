@@ -125,6 +125,137 @@ def test_quantizer_exact_vs_reference():
         assert torch.equal(C.cpu_quantize(xd, -2.0, 2.5, 5), want), dtype
 
 
+def _edge_values(lo, hi, n, dtype, channels_last=False):
+    """x of shape [n, 3, 5, 7] with the quantizer's edge cases: exact lo / hi, one ulp outside,
+    rounding ties, +-0, +-inf, NaN (odd numel: the last mask word is partial)."""
+    g = torch.Generator().manual_seed(5)
+    x = (lo - 1.0 + (hi - lo + 2.0) * torch.rand(n * 3 * 5 * 7, generator=g, dtype=torch.float64)).to(dtype)
+    delta = (hi - lo) / 255
+    edge = torch.tensor([lo, hi, lo + 0.5 * delta, lo + 2.5 * delta, 0.0, -0.0, float("inf"),
+                         -float("inf"), float("nan")], dtype=dtype)
+    edge = torch.cat([edge, torch.nextafter(edge[:2], torch.tensor([-1e30, 1e30], dtype=dtype))])
+    x[:edge.numel()] = edge
+    x = x.view(n, 3, 5, 7)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_quantize_mask_out_bit_exact(dtype, n, channels_last):
+    """The fused backward pass: Q(x) and the packed input mask equal the reference bit for bit."""
+    from noisyops import _ext
+    C = _ext.cpu()[0]
+    lo, hi = -1.25, 2.0
+    x = _edge_values(lo, hi, n, dtype, channels_last)
+    out = torch.empty_like(x)
+    words = torch.full(((x.numel() + 31) // 32,), -1, dtype=torch.int32)
+    C.cpu_quantize_mask_out(x, out, words, lo, hi, 8)
+    want = reference.quantize(x, lo, hi, 8)
+    assert out.stride() == x.stride()
+    torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(words, reference.pack_mask([reference.in_range_mask(x, lo, hi)])[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mask_grad_in_place_bit_exact(dtype):
+    """``cpu_mask_grad_out(g, words, g)`` (in place) == where(bit, g, +0) bit for bit, NaN / -0 kept."""
+    from noisyops import _ext
+    C = _ext.cpu()[0]
+    g = torch.randn(4, 3, 5, 7, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    g.view(-1)[:4] = torch.tensor([float("nan"), -0.0, float("inf"), -float("inf")], dtype=dtype)
+    mask = torch.rand(g.shape, generator=torch.Generator().manual_seed(3)) < 0.6
+    mask.view(-1)[:4] = torch.tensor([True, True, False, True])
+    words = reference.pack_mask([mask])[0]
+    want = torch.where(mask, g, torch.zeros((), dtype=dtype))
+    out = g.clone()
+    C.cpu_mask_grad_out(out, words, out)
+    ity = torch.int64 if dtype == torch.float64 else torch.int32
+    assert torch.equal(out.view(ity), want.view(ity))
+    out2 = torch.empty_like(g)
+    C.cpu_mask_grad_out(g, words, out2)
+    assert torch.equal(out2.view(ity), want.view(ity))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_backward_fused_input_mask_matches_reference_and_keeps_grad(channels_last):
+    """The backward with the fused re-quantization + packed input mask (need_x and need_w) gives the
+    reference's gradients, zero exactly where x saturated, and leaves the incoming gradient alone."""
+    geom = CONV_GEOMS["plain"]
+    x, w, b = _conv_case(geom, torch.float32, channels_last)
+    x = x * 2.0  # about a third of x outside the input range
+    p = _params(CONFIGS["outq_one_tile"], "per_call")
+    inst = _ids("per_call", geom["n"])
+    args = (_pair(geom["stride"]), _pair(geom["padding"]), _pair(geom["dilation"]), geom["groups"])
+    y_ref, m_ref = reference.conv2d_fwd(x, w, b, *args, p, inst)
+    g = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1))
+    g = g.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    g0 = g.clone()
+    gx_ref, gw_ref = reference.conv2d_bwd(g, x, w, *args, p, inst, m_ref, list(y_ref.stride()), True, True)
+    gx, gw = cpu.conv2d_bwd(g, x, w, *args, p, inst, m_ref, list(y_ref.stride()), True, True)
+    assert torch.equal(g, g0), "the incoming gradient was modified"
+    outside = ~reference.in_range_mask(x, p.in_lo, p.in_hi)
+    assert bool(outside.any())
+    assert torch.equal(gx[outside], torch.zeros_like(gx[outside]))
+    _assert_close(gx, gx_ref, torch.float32, "grad_x")
+    _assert_close(gw, gw_ref, torch.float32, "grad_w")
+
+
+@pytest.mark.parametrize("numel", [37, 70001])  # below / above the kernels' grain: inline / split
+def test_passes_one_region_equal_kernels_run_one_by_one(numel):
+    """Kernels recorded into ``CpuPasses`` and run as one parallel region write exactly what the
+    same kernels write when called one by one (each thread takes a share of every pass)."""
+    from noisyops import _ext
+    C = _ext.cpu()[0]
+    gen = torch.Generator().manual_seed(9)
+    x = 3 * torch.randn(numel, generator=gen)
+    g = torch.randn(numel, generator=gen)
+    words = reference.pack_mask([torch.rand(numel, generator=gen) < 0.7])[0]
+    w = 0.1 * torch.randn(numel, generator=gen)
+    args_w = ([3, 11], -0.2, 0.2, True, 6, 0.01, 0.05, 2**33 + 1, 4)
+    want = dict(gm=torch.empty_like(g), xq=torch.empty_like(x), xq2=torch.empty_like(x),
+                bits=torch.empty_like(words), wn=torch.empty((2, numel)))
+    C.cpu_mask_grad_out(g, words, want["gm"])
+    C.cpu_quantize_mask_out(x, want["xq"], want["bits"], -2.0, 2.5, 8)
+    C.cpu_quantize_out(x, want["xq2"], -2.0, 2.5, 4)
+    C.cpu_noisy_weights_(w, want["wn"], *args_w)
+    got = {k: torch.full_like(v, -7) for k, v in want.items()}
+    ps = C.CpuPasses()
+    ps.mask_grad_out(g, words, got["gm"])
+    ps.quantize_mask_out(x, got["xq"], got["bits"], -2.0, 2.5, 8)
+    ps.quantize_out(x, got["xq2"], -2.0, 2.5, 4)
+    ps.noisy_weights_(w, got["wn"], *args_w)
+    assert len(ps) == 4 and torch.equal(got["wn"], torch.full_like(want["wn"], -7))  # recorded, not run
+    ps.run()
+    assert len(ps) == 0
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_backend_records_its_kernels_in_one_region(monkeypatch):
+    """The backend's forward and backward run their independent kernels through ``CpuPasses``
+    (and give the same result when the extension has no ``CpuPasses``: kernels one by one)."""
+    geom = CONV_GEOMS["plain"]
+    x, w, b = _conv_case(geom, torch.float32)
+    p = _params(CONFIGS["outq_one_tile"], "per_call")
+    inst = _ids("per_call", geom["n"])
+    args = (_pair(geom["stride"]), _pair(geom["padding"]), _pair(geom["dilation"]), geom["groups"])
+    runs = []
+    real = cpu._run
+    monkeypatch.setattr(cpu, "_run", lambda ps: (runs.append(len(ps) if ps is not None else None), real(ps)))
+    y, m = cpu.conv2d_fwd(x, w, b, *args, p, inst)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    gx, gw = cpu.conv2d_bwd(g, x, w, *args, p, inst, m, list(y.stride()), True, True)
+    assert runs == [2, 3], runs  # forward: Q_in(x), Wn; backward: out mask, Q_in(x)+bits, Wn
+    monkeypatch.setattr(cpu, "_new_passes", lambda: None)
+    y2, m2 = cpu.conv2d_fwd(x, w, b, *args, p, inst)
+    gx2, gw2 = cpu.conv2d_bwd(g, x, w, *args, p, inst, m, list(y.stride()), True, True)
+    assert torch.equal(y, y2) and torch.equal(m, m2) and torch.equal(gx, gx2) and torch.equal(gw, gw2)
+    # the weight gradient alone makes no noisy weights (it does not read them): same gradient
+    gx3, gw3 = cpu.conv2d_bwd(g, x, w, *args, p, inst, m, list(y.stride()), False, True)
+    assert gx3 is None and torch.equal(gw3, gw)
+
+
 # ---- conv kernels vs reference ------------------------------------------------------------------
 def _check_conv(cfg_name, sampling, dtype, geom_name, channels_last=False):
     geom = CONV_GEOMS[geom_name]

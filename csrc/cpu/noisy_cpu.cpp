@@ -10,6 +10,9 @@
 //   out_noise_        y += σ_out·ε'' (purpose 2; element t·numel(y) + logical row-major index)
 //   out_quant_        per tile: pack the bit mask [lo <= y <= hi] in storage order into int32 words,
 //                     quantize, and write or accumulate into the tile sum
+//   quantize_mask_out backward: xq = Q(x) and the packed bits [lo <= x <= hi] in one pass over x
+//   mask_grad_out     g where the packed bit is set, else 0 (out mask, or the input's bits above);
+//                     in place when out is g
 //
 // Quantizer: exactly the reference, lo + rint((clamp(v) - lo) / Δ)·Δ with a true division and
 // round-half-even, computed in float32 (float64 for double tensors); the build sets
@@ -18,6 +21,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <functional>
 #include <vector>
 
 #include "noisyops/philox.h"
@@ -87,11 +91,63 @@ bool same_layout(const torch::Tensor& a, const torch::Tensor& b) {
   return true;
 }
 
+// ---- where a pass runs ------------------------------------------------------------------------
+// Each kernel below is a loop over work items. `for_items` runs it now (at::parallel_for), or, given
+// a Passes list, records it: the recorded passes (independent of each other: the backward's out mask
+// of the incoming gradient, the re-quantization of x and the noisy weights) then run as one parallel
+// region. Fewer regions, fewer barriers: on a shared machine each barrier waits for the slowest,
+// possibly descheduled, thread.
+struct Passes {
+  struct Pass {
+    int64_t items, grain;
+    std::function<void(int64_t, int64_t)> body;
+  };
+  std::vector<Pass> list;
+  std::vector<torch::Tensor> keep;  // the tensors the recorded passes read and write
+
+  // Runs the recorded passes and clears the list: each thread takes the same share of every pass
+  // (items of different passes differ in cost); a pass at most `grain` items long runs whole on one
+  // thread, as at::parallel_for would run it inline.
+  void run() {
+    const int64_t T = at::get_num_threads();
+    bool big = false;
+    for (const Pass& p : list) big = big || p.items > p.grain;
+    if (T <= 1 || !big || at::in_parallel_region()) {
+      for (const Pass& p : list) p.body(0, p.items);
+    } else {
+      at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          for (const Pass& p : list) {
+            if (p.items <= p.grain) {
+              if (t == T - 1) p.body(0, p.items);
+              continue;
+            }
+            const int64_t b = p.items * t / T, e = p.items * (t + 1) / T;
+            if (b < e) p.body(b, e);
+          }
+        }
+      });
+    }
+    list.clear();
+    keep.clear();
+  }
+};
+
+template <typename F>
+void for_items(Passes* rec, int64_t items, int64_t grain, F body) {
+  if (items <= 0) return;
+  if (rec == nullptr) {
+    at::parallel_for(0, items, grain, body);
+  } else {
+    rec->list.push_back({items, grain, std::function<void(int64_t, int64_t)>(std::move(body))});
+  }
+}
+
 // ---- weights ---------------------------------------------------------------------------------
 template <typename T>
 void noisy_weights_impl(const T* w, T* out, int64_t numel, const std::vector<int64_t>& instances,
                         double lo_, double hi_, bool clip, int64_t bits, double sigma_,
-                        double eta_mul_, uint64_t seed, uint64_t layer_key) {
+                        double eta_mul_, uint64_t seed, uint64_t layer_key, Passes* rec = nullptr) {
   const T lo = static_cast<T>(lo_), hi = static_cast<T>(hi_);
   const Q<T> q(lo_, hi_, bits);
   // Scalars enter the tensor expressions of the reference in the tensor's dtype.
@@ -99,7 +155,7 @@ void noisy_weights_impl(const T* w, T* out, int64_t numel, const std::vector<int
   const bool add = sigma_ != 0.0, mul = eta_mul_ != 0.0;
   const int64_t K = static_cast<int64_t>(instances.size());
   const int64_t blocks = (numel + kBlock - 1) / kBlock;
-  at::parallel_for(0, K * blocks, 1, [&](int64_t begin, int64_t end) {
+  for_items(rec, K * blocks, 1, [=](int64_t begin, int64_t end) {
     alignas(32) float ea[kBlock];
     alignas(32) float em[kBlock];
     for (int64_t item = begin; item < end; ++item) {
@@ -128,7 +184,7 @@ void noisy_weights_impl(const T* w, T* out, int64_t numel, const std::vector<int
 // out[k] = Wn for instances[k]; w contiguous, out contiguous [K, *w.shape], both float or double.
 void noisy_weights_(torch::Tensor w, torch::Tensor out, std::vector<int64_t> instances, double lo,
                     double hi, bool clip, int64_t bits, double sigma, double eta_mul, uint64_t seed,
-                    uint64_t layer_key) {
+                    uint64_t layer_key, Passes* rec = nullptr) {
   TORCH_CHECK(w.is_contiguous() && out.is_contiguous(), "noisy_weights_: w and out must be contiguous");
   TORCH_CHECK(w.scalar_type() == out.scalar_type(), "noisy_weights_: dtype mismatch ", w.scalar_type(),
               " vs ", out.scalar_type());
@@ -137,10 +193,10 @@ void noisy_weights_(torch::Tensor w, torch::Tensor out, std::vector<int64_t> ins
               instances.size());
   if (w.scalar_type() == torch::kFloat) {
     noisy_weights_impl<float>(w.data_ptr<float>(), out.data_ptr<float>(), w.numel(), instances, lo, hi,
-                              clip, bits, sigma, eta_mul, seed, layer_key);
+                              clip, bits, sigma, eta_mul, seed, layer_key, rec);
   } else if (w.scalar_type() == torch::kDouble) {
     noisy_weights_impl<double>(w.data_ptr<double>(), out.data_ptr<double>(), w.numel(), instances, lo,
-                               hi, clip, bits, sigma, eta_mul, seed, layer_key);
+                               hi, clip, bits, sigma, eta_mul, seed, layer_key, rec);
   } else {
     TORCH_CHECK(false, "noisy_weights_: w must be float32 or float64, got ", w.scalar_type());
   }
@@ -149,9 +205,10 @@ void noisy_weights_(torch::Tensor w, torch::Tensor out, std::vector<int64_t> ins
 // ---- input quantizer ---------------------------------------------------------------------------
 // dst = Q(src) elementwise over storage (same strides); computed in float (double for double).
 template <typename S, typename C>
-void quantize_impl(const S* src, S* dst, int64_t numel, double lo_, double hi_, int64_t bits) {
+void quantize_impl(const S* src, S* dst, int64_t numel, double lo_, double hi_, int64_t bits,
+                   Passes* rec = nullptr) {
   const Q<C> q(lo_, hi_, bits);
-  at::parallel_for(0, numel, 16384, [&](int64_t begin, int64_t end) {
+  for_items(rec, numel, 16384, [=](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       dst[i] = static_cast<S>(quant<C>(static_cast<C>(src[i]), q.lo, q.hi, q.delta));
     }
@@ -161,10 +218,10 @@ void quantize_impl(const S* src, S* dst, int64_t numel, double lo_, double hi_, 
 #if defined(NOISYOPS_CPU_AVX2)
 template <>
 void quantize_impl<float, float>(const float* src, float* dst, int64_t numel, double lo_, double hi_,
-                                 int64_t bits) {
+                                 int64_t bits, Passes* rec) {
   const Q<float> q(lo_, hi_, bits);
-  const __m256 lo = _mm256_set1_ps(q.lo), hi = _mm256_set1_ps(q.hi), delta = _mm256_set1_ps(q.delta);
-  at::parallel_for(0, (numel + 7) / 8, 2048, [&](int64_t begin, int64_t end) {
+  for_items(rec, (numel + 7) / 8, 2048, [=](int64_t begin, int64_t end) {
+    const __m256 lo = _mm256_set1_ps(q.lo), hi = _mm256_set1_ps(q.hi), delta = _mm256_set1_ps(q.delta);
     int64_t i = begin * 8;
     const int64_t stop = std::min(numel, end * 8);
     for (; i + 8 <= stop; i += 8) {
@@ -175,24 +232,26 @@ void quantize_impl<float, float>(const float* src, float* dst, int64_t numel, do
 }
 #endif
 
-void quantize_into(const torch::Tensor& x, torch::Tensor& out, double lo, double hi, int64_t bits) {
+void quantize_into(const torch::Tensor& x, torch::Tensor& out, double lo, double hi, int64_t bits,
+                   Passes* rec = nullptr) {
   check_dense(x, "x");
   TORCH_CHECK(same_layout(x, out) && x.scalar_type() == out.scalar_type(), "quantize: out must be like x");
   TORCH_CHECK(bits >= 1 && bits <= 16, "quantize: bits=", bits, ": expected 1..16");
   const int64_t n = x.numel();
   switch (x.scalar_type()) {
     case torch::kFloat:
-      quantize_impl<float, float>(x.data_ptr<float>(), out.data_ptr<float>(), n, lo, hi, bits);
+      quantize_impl<float, float>(x.data_ptr<float>(), out.data_ptr<float>(), n, lo, hi, bits, rec);
       break;
     case torch::kDouble:
-      quantize_impl<double, double>(x.data_ptr<double>(), out.data_ptr<double>(), n, lo, hi, bits);
+      quantize_impl<double, double>(x.data_ptr<double>(), out.data_ptr<double>(), n, lo, hi, bits, rec);
       break;
     case torch::kBFloat16:
       quantize_impl<at::BFloat16, float>(x.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), n,
-                                         lo, hi, bits);
+                                         lo, hi, bits, rec);
       break;
     case torch::kHalf:
-      quantize_impl<at::Half, float>(x.data_ptr<at::Half>(), out.data_ptr<at::Half>(), n, lo, hi, bits);
+      quantize_impl<at::Half, float>(x.data_ptr<at::Half>(), out.data_ptr<at::Half>(), n, lo, hi, bits,
+                                     rec);
       break;
     default:
       TORCH_CHECK(false, "quantize: unsupported dtype ", x.scalar_type());
@@ -413,10 +472,11 @@ void out_quant_(torch::Tensor part, torch::Tensor acc, torch::Tensor words, doub
 
 // ---- backward: gradient through one tile's output mask ------------------------------------------
 // out[i] = bit i of words ? g[i] : 0, i in storage order (g dense, float or double).
+// Masked lanes get +0 (AND with the bit mask in AVX2: the same value as the scalar T(0)).
 template <typename T>
-void mask_grad_impl(const T* g, T* out, const int32_t* words, int64_t numel) {
+void mask_grad_impl(const T* g, T* out, const int32_t* words, int64_t numel, Passes* rec = nullptr) {
   const int64_t nwords = (numel + 31) / 32;
-  at::parallel_for(0, nwords, 512, [&](int64_t begin, int64_t end) {
+  for_items(rec, nwords, 512, [=](int64_t begin, int64_t end) {
     for (int64_t wd = begin; wd < end; ++wd) {
       const int64_t i0 = wd * 32;
       const int64_t n = std::min<int64_t>(32, numel - i0);
@@ -426,7 +486,37 @@ void mask_grad_impl(const T* g, T* out, const int32_t* words, int64_t numel) {
   });
 }
 
-void mask_grad_out(torch::Tensor g, torch::Tensor words, torch::Tensor out) {
+#if defined(NOISYOPS_CPU_AVX2)
+// 8 lanes of a mask word's byte: lane l passes where bit l of the byte is set (all ones), else 0.
+inline __m256 bits8_to_mask(uint32_t byte) {
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i b = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(byte)), lane_bit);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, lane_bit));
+}
+
+template <>
+void mask_grad_impl<float>(const float* g, float* out, const int32_t* words, int64_t numel, Passes* rec) {
+  const int64_t nwords = (numel + 31) / 32;
+  const int64_t full = numel / 32;
+  for_items(rec, nwords, 256, [=](int64_t begin, int64_t end) {
+    for (int64_t wd = begin; wd < end; ++wd) {
+      const int64_t i0 = wd * 32;
+      const uint32_t bw = static_cast<uint32_t>(words[wd]);
+      if (wd < full) {
+        for (int j = 0; j < 4; ++j) {
+          const __m256 m = bits8_to_mask((bw >> (8 * j)) & 0xFFu);
+          _mm256_storeu_ps(out + i0 + 8 * j, _mm256_and_ps(_mm256_loadu_ps(g + i0 + 8 * j), m));
+        }
+      } else {
+        for (int64_t j = 0; j < numel - i0; ++j) out[i0 + j] = ((bw >> j) & 1u) ? g[i0 + j] : 0.0f;
+      }
+    }
+  });
+}
+#endif
+
+// out may be g itself (in place).
+void mask_grad_out(torch::Tensor g, torch::Tensor words, torch::Tensor out, Passes* rec = nullptr) {
   check_dense(g, "g");
   check_dense(out, "out");
   TORCH_CHECK(same_layout(out, g) && out.scalar_type() == g.scalar_type(), "mask_grad_out: out must be like g");
@@ -434,10 +524,11 @@ void mask_grad_out(torch::Tensor g, torch::Tensor words, torch::Tensor out) {
                   words.numel() == (g.numel() + 31) / 32,
               "mask_grad: words must be int32 contiguous [", (g.numel() + 31) / 32, "]");
   if (g.scalar_type() == torch::kFloat) {
-    mask_grad_impl<float>(g.data_ptr<float>(), out.data_ptr<float>(), words.data_ptr<int32_t>(), g.numel());
+    mask_grad_impl<float>(g.data_ptr<float>(), out.data_ptr<float>(), words.data_ptr<int32_t>(), g.numel(),
+                          rec);
   } else if (g.scalar_type() == torch::kDouble) {
     mask_grad_impl<double>(g.data_ptr<double>(), out.data_ptr<double>(), words.data_ptr<int32_t>(),
-                           g.numel());
+                           g.numel(), rec);
   } else {
     TORCH_CHECK(false, "mask_grad: g must be float32 or float64, got ", g.scalar_type());
   }
@@ -448,6 +539,82 @@ torch::Tensor mask_grad(torch::Tensor g, torch::Tensor words) {
   auto out = torch::empty_like(g, at::MemoryFormat::Preserve);
   mask_grad_out(g, words, out);
   return out;
+}
+
+// ---- backward: re-quantize x and pack its straight-through mask, one pass ------------------------
+// out[i] = Q(x[i]) and bit i of words = [lo <= x[i] <= hi], i in storage order: the weight gradient
+// needs Q(x) anyway, and the bits (1/32 of x) replace a second read of x for the input's mask.
+template <typename T>
+void quantize_mask_impl(const T* x, T* out, int32_t* words, int64_t numel, double lo_, double hi_,
+                        int64_t bits, Passes* rec = nullptr) {
+  const Q<T> q(lo_, hi_, bits);
+  const int64_t nwords = (numel + 31) / 32;
+  for_items(rec, nwords, 512, [=](int64_t begin, int64_t end) {
+    for (int64_t wd = begin; wd < end; ++wd) {
+      const int64_t i0 = wd * 32;
+      const int64_t n = std::min<int64_t>(32, numel - i0);
+      uint32_t bw = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const T v = x[i0 + j];
+        bw |= static_cast<uint32_t>(v >= q.lo && v <= q.hi) << j;
+        out[i0 + j] = quant<T>(v, q.lo, q.hi, q.delta);
+      }
+      words[wd] = static_cast<int32_t>(bw);
+    }
+  });
+}
+
+#if defined(NOISYOPS_CPU_AVX2)
+template <>
+void quantize_mask_impl<float>(const float* x, float* out, int32_t* words, int64_t numel, double lo_,
+                               double hi_, int64_t bits, Passes* rec) {
+  const Q<float> q(lo_, hi_, bits);
+  const int64_t nwords = (numel + 31) / 32;
+  const int64_t full = numel / 32;
+  for_items(rec, nwords, 256, [=](int64_t begin, int64_t end) {
+    const __m256 lo = _mm256_set1_ps(q.lo), hi = _mm256_set1_ps(q.hi), delta = _mm256_set1_ps(q.delta);
+    for (int64_t wd = begin; wd < end; ++wd) {
+      const int64_t i0 = wd * 32;
+      uint32_t bw = 0;
+      if (wd < full) {
+        for (int j = 0; j < 4; ++j) {
+          const __m256 v = _mm256_loadu_ps(x + i0 + 8 * j);
+          bw |= inrange8(v, lo, hi) << (8 * j);
+          _mm256_storeu_ps(out + i0 + 8 * j, quant8(v, lo, hi, delta));
+        }
+      } else {
+        for (int64_t j = 0; j < numel - i0; ++j) {
+          const float v = x[i0 + j];
+          bw |= static_cast<uint32_t>(v >= q.lo && v <= q.hi) << j;
+          out[i0 + j] = quant<float>(v, q.lo, q.hi, q.delta);
+        }
+      }
+      words[wd] = static_cast<int32_t>(bw);
+    }
+  });
+}
+#endif
+
+void quantize_mask_out(torch::Tensor x, torch::Tensor out, torch::Tensor words, double lo, double hi,
+                       int64_t bits, Passes* rec = nullptr) {
+  check_dense(x, "x");
+  check_dense(out, "out");
+  TORCH_CHECK(same_layout(x, out) && x.scalar_type() == out.scalar_type(),
+              "quantize_mask_out: out must have the shape, layout and dtype of x");
+  TORCH_CHECK(words.scalar_type() == torch::kInt && words.is_contiguous() &&
+                  words.numel() == (x.numel() + 31) / 32,
+              "quantize_mask_out: words must be int32 contiguous [", (x.numel() + 31) / 32, "], got ",
+              words.scalar_type(), " ", words.sizes());
+  TORCH_CHECK(bits >= 1 && bits <= 16, "quantize_mask_out: bits=", bits, ": expected 1..16");
+  if (x.scalar_type() == torch::kFloat) {
+    quantize_mask_impl<float>(x.data_ptr<float>(), out.data_ptr<float>(), words.data_ptr<int32_t>(),
+                              x.numel(), lo, hi, bits, rec);
+  } else if (x.scalar_type() == torch::kDouble) {
+    quantize_mask_impl<double>(x.data_ptr<double>(), out.data_ptr<double>(), words.data_ptr<int32_t>(),
+                               x.numel(), lo, hi, bits, rec);
+  } else {
+    TORCH_CHECK(false, "quantize_mask_out: x must be float32 or float64, got ", x.scalar_type());
+  }
 }
 
 // ---- stream throughput helper (benchmarks) ---------------------------------------------------------
@@ -472,7 +639,47 @@ torch::Tensor normals(uint64_t seed, uint64_t layer_key, int64_t purpose, uint64
 
 void register_cpu_kernels(pybind11::module_& m) {
   using namespace pybind11::literals;
-  m.def("cpu_noisy_weights_", &cpu::noisy_weights_,
+  using cpu::Passes;
+  pybind11::class_<Passes>(m, "CpuPasses",
+                           "Independent kernels recorded and then run as one parallel region (run())")
+      .def(pybind11::init<>())
+      .def("noisy_weights_",
+           [](Passes& ps, torch::Tensor w, torch::Tensor out, std::vector<int64_t> instances, double lo,
+              double hi, bool clip, int64_t bits, double sigma, double eta_mul, uint64_t seed,
+              uint64_t layer_key) {
+             cpu::noisy_weights_(w, out, instances, lo, hi, clip, bits, sigma, eta_mul, seed, layer_key, &ps);
+             ps.keep.insert(ps.keep.end(), {w, out});
+           },
+           "record cpu_noisy_weights_", "w"_a, "out"_a, "instances"_a, "lo"_a, "hi"_a, "clip"_a, "bits"_a,
+           "sigma"_a, "eta_mul"_a, "seed"_a, "layer_key"_a)
+      .def("quantize_out",
+           [](Passes& ps, torch::Tensor x, torch::Tensor out, double lo, double hi, int64_t bits) {
+             cpu::check_dense(out, "out");
+             cpu::quantize_into(x, out, lo, hi, bits, &ps);
+             ps.keep.insert(ps.keep.end(), {x, out});
+           },
+           "record cpu_quantize_out", "x"_a, "out"_a, "lo"_a, "hi"_a, "bits"_a)
+      .def("quantize_mask_out",
+           [](Passes& ps, torch::Tensor x, torch::Tensor out, torch::Tensor words, double lo, double hi,
+              int64_t bits) {
+             cpu::quantize_mask_out(x, out, words, lo, hi, bits, &ps);
+             ps.keep.insert(ps.keep.end(), {x, out, words});
+           },
+           "record cpu_quantize_mask_out", "x"_a, "out"_a, "words"_a, "lo"_a, "hi"_a, "bits"_a)
+      .def("mask_grad_out",
+           [](Passes& ps, torch::Tensor g, torch::Tensor words, torch::Tensor out) {
+             cpu::mask_grad_out(g, words, out, &ps);
+             ps.keep.insert(ps.keep.end(), {g, words, out});
+           },
+           "record cpu_mask_grad_out", "g"_a, "words"_a, "out"_a)
+      .def("__len__", [](const Passes& ps) { return ps.list.size(); })
+      .def("run", &Passes::run, "run the recorded kernels as one parallel region, then clear the list",
+           pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("cpu_noisy_weights_",
+        [](torch::Tensor w, torch::Tensor out, std::vector<int64_t> instances, double lo, double hi,
+           bool clip, int64_t bits, double sigma, double eta_mul, uint64_t seed, uint64_t layer_key) {
+          cpu::noisy_weights_(w, out, instances, lo, hi, clip, bits, sigma, eta_mul, seed, layer_key);
+        },
         "out[k] = Q(clip(w))*(1 + eta_mul*eps'_k) + sigma*eps_k for instance ids k (float/double)",
         "w"_a, "out"_a, "instances"_a, "lo"_a, "hi"_a, "clip"_a, "bits"_a, "sigma"_a, "eta_mul"_a,
         "seed"_a, "layer_key"_a);
@@ -491,8 +698,16 @@ void register_cpu_kernels(pybind11::module_& m) {
         "part"_a, "acc"_a, "words"_a, "lo"_a, "hi"_a, "bits"_a, "first"_a);
   m.def("cpu_mask_grad", &cpu::mask_grad, "g where the packed mask bit is set, else 0 (new tensor)",
         "g"_a, "words"_a);
-  m.def("cpu_mask_grad_out", &cpu::mask_grad_out, "out = g where the packed mask bit is set, else 0",
+  m.def("cpu_mask_grad_out",
+        [](torch::Tensor g, torch::Tensor words, torch::Tensor out) { cpu::mask_grad_out(g, words, out); },
+        "out = g where the packed mask bit is set, else 0 (out may be g: in place)",
         "g"_a, "words"_a, "out"_a);
+  m.def("cpu_quantize_mask_out",
+        [](torch::Tensor x, torch::Tensor out, torch::Tensor words, double lo, double hi, int64_t bits) {
+          cpu::quantize_mask_out(x, out, words, lo, hi, bits);
+        },
+        "out = Q(x; lo, hi, bits) and words = packed bits [lo <= x <= hi] (storage order), one pass",
+        "x"_a, "out"_a, "words"_a, "lo"_a, "hi"_a, "bits"_a);
   m.def("cpu_normals", &cpu::normals, "vectorised float32 normals of one stream [numel]", "seed"_a,
         "layer_key"_a, "purpose"_a, "instance"_a, "numel"_a);
 }

@@ -51,13 +51,31 @@ def available():
     mod, why = _ext.cpu()
     if mod is None:
         return False, why
-    if not hasattr(mod, "cpu_noisy_weights_"):
-        return False, "noisyops._C has no CPU kernels (built from older sources); rebuild the extension"
+    if not hasattr(mod, "cpu_noisy_weights_") or not hasattr(mod, "cpu_quantize_mask_out"):
+        return False, "noisyops._C has no CPU kernels or predates cpu_quantize_mask_out (built from older sources); rebuild the extension"
     return True, "C++ CPU kernels (OpenMP, AVX2) around ATen conv / matmul"
 
 
 def _C():
     return _ext.cpu()[0]
+
+
+def _kernel(passes, name: str):
+    """C++ kernel ``name`` run now (``cpu_<name>``), or recorded into ``passes`` (a
+    ``_C.CpuPasses``) to run with the other independent kernels of the call as one parallel region
+    (``passes.run()``: one barrier instead of one per kernel)."""
+    return getattr(_C(), "cpu_" + name) if passes is None else getattr(passes, name)
+
+
+def _new_passes():
+    """A recorder for `_kernel` (None where the extension predates ``CpuPasses``: kernels run one by one)."""
+    cls = getattr(_C(), "CpuPasses", None)
+    return cls() if cls is not None else None
+
+
+def _run(passes):
+    if passes is not None:
+        passes.run()
 
 
 def chunk_bytes() -> int:
@@ -91,10 +109,22 @@ def _workspace(slot: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return buf[:n].as_strided(like.shape, like.stride())
 
 
-def _quantize_ws(slot, x, lo, hi, bits):
-    """``Q(x)`` into a workspace buffer (x dense)."""
+def _bits_workspace(slot: str, numel: int) -> torch.Tensor:
+    """A reused per-thread int32 buffer for the packed bits of ``numel`` elements (1/32 of them)."""
+    bufs = getattr(_tls, "bufs", None)
+    if bufs is None:
+        bufs = _tls.bufs = {}
+    n = (numel + 31) // 32
+    buf = bufs.get(slot)
+    if buf is None or buf.numel() < n or buf.dtype != torch.int32:
+        buf = bufs[slot] = torch.empty(max(n, 1), dtype=torch.int32)
+    return buf[:n]
+
+
+def _quantize_ws(slot, x, lo, hi, bits, passes=None):
+    """``Q(x)`` into a workspace buffer (x dense); with ``passes``, recorded (valid after passes.run())."""
     out = _workspace(slot, x, x.dtype)
-    _C().cpu_quantize_out(x, out, lo, hi, bits)
+    _kernel(passes, "quantize_out")(x, out, lo, hi, bits)
     return out
 
 
@@ -140,8 +170,10 @@ class _Weights:
             self._wc = self.weight.detach().to(self.cd).contiguous()
         return self._wc
 
-    def make(self, ids: Sequence[int]) -> torch.Tensor:
-        """``[len(ids), *weight.shape]`` noisy weights in ``out_dtype`` (K = 1 without noise)."""
+    def make(self, ids: Sequence[int], passes=None) -> torch.Tensor:
+        """``[len(ids), *weight.shape]`` noisy weights in ``out_dtype`` (K = 1 without noise).
+
+        With ``passes`` the float32 generator is recorded (the values are there after passes.run())."""
         if not self.transform:
             return self.weight.detach().to(self.out_dtype).unsqueeze(0)
         ids = list(ids) if self.noise else [0]
@@ -156,9 +188,11 @@ class _Weights:
                                     p.seed, p.layer_key)
             return torch.stack([reference.weight_noisy(wq[0], self.sigma, p, i) for i in ids])
         out = torch.empty((len(ids),) + tuple(w.shape), dtype=self.cd)
-        _C().cpu_noisy_weights_(w, out, ids, self.lo, self.hi, bool(p.w_clip), self.w_bits,
-                                self.sigma if self.noise else 0.0, p.eta_mul if self.noise else 0.0,
-                                p.seed, p.layer_key)
+        if self.out_dtype != self.cd:
+            passes = None  # converted below: needs the values now
+        _kernel(passes, "noisy_weights_")(w, out, ids, self.lo, self.hi, bool(p.w_clip), self.w_bits,
+                                          self.sigma if self.noise else 0.0,
+                                          p.eta_mul if self.noise else 0.0, p.seed, p.layer_key)
         return out if self.out_dtype == self.cd else out.to(self.out_dtype)
 
     def per_instance(self, ids: Sequence[int], start: int) -> torch.Tensor:
@@ -320,14 +354,15 @@ def _index(order: List[int]) -> torch.Tensor:
     return torch.tensor(order, dtype=torch.int64)
 
 
-def _products(layer, xq, wsrc: _Weights, bias, p, ids, tile, out_dtype):
+def _products(layer, xq, wsrc: _Weights, bias, p, ids, tile, out_dtype, wn_call=None):
     """The product of every sample with its instance's weights, restricted to one tile
-    (``tile = (c0, c1)``), as one tensor ``[N, ...]`` in the product dtype."""
+    (``tile = (c0, c1)``), as one tensor ``[N, ...]`` in the product dtype. ``wn_call``: the one
+    weight copy of a per_call / noise-free call, made once for all tiles."""
     c0, c1 = tile
     batch = xq.shape[0]
     xt = layer.x_tile(xq, c0, c1)
     if p.sampling == PER_CALL or not wsrc.noise or batch == 0:  # batch 0: one empty product
-        wn = wsrc.make(ids[:1] or [0])[0]
+        wn = wn_call if wn_call is not None else wsrc.make(ids[:1] or [0])[0]
         return layer.fwd(xt, layer.w_tile(wn, c0, c1), bias)
     wbytes = torch.Size(layer.wshape).numel() * torch.empty(0, dtype=wsrc.cd).element_size()
     y = None
@@ -360,18 +395,23 @@ def _forward(layer, plan: CallPlan, x, weight, bias):
     p = plan.p
     cd, fmt = plan.compute_dtype, plan.memory_format
     batch = x.shape[0]
-    xq = _quantize_ws("fwd_xq", _dense(x, fmt), p.in_lo, p.in_hi, p.in_bits) if p.in_bits else x
+    passes = _new_passes()
+    xq = _quantize_ws("fwd_xq", _dense(x, fmt), p.in_lo, p.in_hi, p.in_bits, passes) if p.in_bits else x
     wsrc = _Weights.of(weight, plan, x.dtype)
     ids = plan.host_ids()  # CPU tensors: a memory load, not a device sync
+    # one weight copy per call: made once (not per tile), in one parallel region with Q_in(x)
+    one_copy = p.sampling == PER_CALL or not wsrc.noise or batch == 0
+    wn_call = wsrc.make(ids[:1] or [0], passes)[0] if one_copy else None
+    _run(passes)
     tiles = plan.tiles
     if not p.tiled:
-        y = _products(layer, xq, wsrc, None if bias is None else bias, p, ids, tiles[0], x.dtype)
+        y = _products(layer, xq, wsrc, None if bias is None else bias, p, ids, tiles[0], x.dtype, wn_call)
         return _dense(y, fmt), x.new_empty((0,), dtype=torch.int32)
     acc = None
     words = None
     ids_t = torch.tensor(ids, dtype=torch.int64) if p.out_noise > 0 else None
     for t, tile in enumerate(tiles):
-        part = _products(layer, xq, wsrc, None, p, ids, tile, x.dtype)
+        part = _products(layer, xq, wsrc, None, p, ids, tile, x.dtype, wn_call)
         part = _dense(part.to(cd), fmt)
         if p.out_noise > 0 and part.numel() == 0:
             pass  # an empty batch: no output noise to draw
@@ -416,6 +456,46 @@ def _ste_(grad, ref, lo, hi):
     return grad
 
 
+def _out_masked_grads(g, out_mask, n_tiles: int, owned: bool, passes=None):
+    """The incoming gradient through each tile's output mask (one pass per tile, C++ AVX2).
+
+    One tile: in place when ``g`` is a copy made in this backward (``owned``: nobody else holds it),
+    else into a reused workspace; never a fresh activation-sized allocation.
+    """
+    if n_tiles == 1:
+        out = g if owned else _workspace("bwd_g", g, g.dtype)
+        _kernel(passes, "mask_grad_out")(g, out_mask[0].contiguous(), out)
+        return [out]
+    return [_C().cpu_mask_grad(g, out_mask[t].contiguous()) for t in range(n_tiles)]
+
+
+def _requantize(xc, p: OpParams, need_x: bool, need_w: bool, passes=None):
+    """``(x for the weight gradient, packed in-range bits of x or None)``.
+
+    The weight gradient needs ``Q_in(x)`` (xq is not saved); when the input gradient is needed too,
+    the same pass over x packs the input's straight-through bits ``[in_lo <= x <= in_hi]`` (C++
+    `cpu_quantize_mask_out`, storage order of xc), so the mask later reads 1/32 of x instead of x.
+    """
+    if not p.in_bits or not need_w:
+        return xc, None
+    xq = _workspace("bwd_xq", xc, xc.dtype)
+    if not need_x:
+        _kernel(passes, "quantize_out")(xc, xq, p.in_lo, p.in_hi, p.in_bits)
+        return xq, None
+    bits = _bits_workspace("bwd_xbits", xc.numel())
+    _kernel(passes, "quantize_mask_out")(xc, xq, bits, p.in_lo, p.in_hi, p.in_bits)
+    return xq, bits
+
+
+def _input_ste_(grad_x, xc, x_bits, p: OpParams):
+    """The input quantizer's straight-through mask on ``grad_x`` (owned by this backward), in place:
+    from the bits packed by `_requantize` when grad_x has xc's storage order, else from xc."""
+    if x_bits is not None and _is_dense(grad_x) and _same_layout(grad_x.shape, grad_x.stride(), xc.stride()):
+        _C().cpu_mask_grad_out(grad_x, x_bits, grad_x)
+        return grad_x
+    return _ste_(grad_x, xc, p.in_lo, p.in_hi)
+
+
 def _backward(layer, plan: CallPlan, grad_y, x, weight, out_mask, y_stride, need_x, need_w):
     if x.dtype not in _SUPPORTED or weight.dtype != x.dtype:
         return NotImplemented
@@ -429,20 +509,21 @@ def _backward(layer, plan: CallPlan, grad_y, x, weight, out_mask, y_stride, need
         # the mask bits follow y's storage order: lay the gradient out like y was
         g = torch.empty_strided(g.shape, tuple(y_stride), dtype=cd).copy_(g)
     tiles = plan.tiles
-    if p.out_bits and len(tiles) == 1:
-        g_tiles = [_workspace("bwd_g", g, cd)]
-        C.cpu_mask_grad_out(g, out_mask[0].contiguous(), g_tiles[0])
-    elif p.out_bits:
-        g_tiles = [C.cpu_mask_grad(g, out_mask[t].contiguous()) for t in range(len(tiles))]
+    # the out mask of g, Q_in(x) (+ its bits) and the per_call Wn: one parallel region
+    passes = _new_passes()
+    if p.out_bits:
+        g_tiles = _out_masked_grads(g, out_mask, len(tiles), owned=g is not grad_y, passes=passes)
     else:
         g_tiles = [g] * len(tiles)
-    xq = _quantize_ws("bwd_xq", xc, p.in_lo, p.in_hi, p.in_bits) if p.in_bits and need_w else xc
+    xq, x_bits = _requantize(xc, p, need_x, need_w, passes)
     wsrc = _Weights.of(weight, plan, cd, noise=not p.clean_grad_input)
     grad_x = grad_w = None
     single = len(tiles) == 1
     ids = plan.host_ids()  # CPU tensors: a memory load, not a device sync
     if p.sampling == PER_CALL or not wsrc.noise or batch == 0:  # batch 0: one empty product
-        wn = wsrc.make(ids[:1] or [0])[0]
+        # the weight gradient alone does not read the weights: no Philox pass for it
+        wn = wsrc.make(ids[:1] or [0], passes)[0] if need_x else torch.empty(layer.wshape, dtype=cd)
+        _run(passes)
         if single:  # one ATen call for both gradients (grad_x via Wn, grad_w via xq)
             grad_x, grad_w = layer.bwd(g_tiles[0], xq, wn, need_x, need_w)
         else:
@@ -457,6 +538,7 @@ def _backward(layer, plan: CallPlan, grad_y, x, weight, out_mask, y_stride, need
                 if need_w:
                     layer.w_tile(grad_w, c0, c1).copy_(gw_t)
     else:
+        _run(passes)
         if need_x:
             grad_x = torch.empty_like(xc)
             for (c0, c1), g_t in zip(tiles, g_tiles):
@@ -470,7 +552,7 @@ def _backward(layer, plan: CallPlan, grad_y, x, weight, out_mask, y_stride, need
                 layer.w_tile(grad_w, c0, c1).copy_(gw_t)
     if grad_x is not None:
         if p.in_bits:
-            grad_x = _ste_(grad_x, xc, p.in_lo, p.in_hi)
+            grad_x = _input_ste_(grad_x, xc, x_bits, p)
         grad_x = grad_x.to(x.dtype)
     if grad_w is not None:
         if p.w_clip:
