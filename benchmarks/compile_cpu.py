@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
 import re
@@ -44,6 +43,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import noisyops  # noqa: E402
 from noisyops import LayerConfig, decomposition  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import resnet50_cpu as _eager_bench  # noqa: E402  (benchmarks/ sibling: its interleaved loop)
 
 ETA = 0.04
 BITS = 8
@@ -106,15 +108,9 @@ def make_train(model, x, y, params):
 
 
 def interleaved(fns: dict, repeats: int) -> dict:
-    """``{name: [seconds per repeat]}``, the variants run in turn in each repeat."""
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            gc.collect()
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return times
+    """``{name: [seconds per repeat]}``, the variants run in turn in each repeat (the eager CPU
+    benchmark's loop; warm-up is done here by the caller)."""
+    return _eager_bench.interleaved(fns, repeats, warmup=0)
 
 
 # ---- inductor output code --------------------------------------------------------------------------
