@@ -8,8 +8,9 @@ of ``(seed, epoch, sample index)`` (a per-epoch table drawn from ``manual_seed(s
 so nothing about the data pipeline has to be stored in a checkpoint beyond ``(epoch, batch)``.
 
 Datasets:
-- MNIST: ``torchvision.datasets.MNIST(root)``; `root` = the shared ``../shared/data`` copy or any
-  folder (``download=True`` fetches it where there is internet).
+- MNIST: the IDX files in ``root/MNIST/raw`` (torchvision's layout), plain or ``.gz`` (`read_idx`);
+  `root` = the shared ``../shared/data`` copy or any folder (``download=True`` fetches it with
+  torchvision where there is internet).
 - CIFAR-10: ``cifar10_mini`` (the 4,000 / 1,000 image subset in the ``cifar-10-batches-py`` layout
   with only ``data_batch_1`` and ``test_batch``) or a full copy (``data_batch_1..5``), or download.
 - ImageNet: an ``ImageFolder`` tree ``root/{train,val}/<class>/<image>``.
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 __all__ = ["TensorImageDataset", "SeededTransformDataset", "ResumableSampler", "ResumableLoader",
            "build_dataset", "make_loader", "default_data_root", "MNIST_MEAN", "MNIST_STD",
            "CIFAR_MEAN", "CIFAR_STD", "IMAGENET_MEAN", "IMAGENET_STD", "DatasetNotFoundError",
-           "image_folder_dataset", "image_folder_split"]
+           "image_folder_dataset", "image_folder_split", "read_idx"]
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 # The shared CIFAR ResNet weights were trained with these (see ../shared/weights/README.md).
@@ -227,16 +228,64 @@ def _not_found(name: str, looked: Sequence[str], layout: str, hint: str = _ROOT_
     return DatasetNotFoundError(f"dataset {name!r} not found. Looked for {layout} in:\n{where}\n{hint}")
 
 
+_MNIST_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IDX_DTYPES = {0x08: torch.uint8, 0x09: torch.int8, 0x0B: torch.int16, 0x0C: torch.int32,
+               0x0D: torch.float32, 0x0E: torch.float64}
+
+
+def read_idx(path: str) -> Tensor:
+    """One IDX file (the MNIST format: magic ``00 00 <type> <ndim>``, ``ndim`` big-endian int32 dims,
+    then the values big-endian), plain or gzip-compressed (``.gz``), as a tensor of those dims.
+
+    torchvision's MNIST reads only the extracted files; the shared copy and a fresh download hold
+    the original ``.gz`` files, so both are read here."""
+    import gzip
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"read_idx: {path!r} is not an IDX file (magic {data[:4].hex()!r}, expected 0000<type><ndim>)")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    dtype = _IDX_DTYPES[data[2]]
+    start = 4 + 4 * ndim
+    count = math.prod(dims)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(data) - start != count * itemsize:
+        raise ValueError(f"read_idx: {path!r} holds {len(data) - start} bytes of data, expected "
+                         f"{count * itemsize} for dims {dims}")
+    raw = torch.frombuffer(bytearray(data[start:]), dtype=torch.uint8)
+    if itemsize > 1:  # big-endian on disk: reverse each value's bytes
+        raw = raw.view(count, itemsize).flip(-1).contiguous().view(-1)
+    return raw.view(dtype).reshape(dims)
+
+
+def _find_mnist_files(root: str, train: bool) -> Optional[Tuple[str, str]]:
+    raw = os.path.join(root, "MNIST", "raw")
+    found = []
+    for name in _MNIST_FILES[train]:
+        path = next((p for p in (os.path.join(raw, name), os.path.join(raw, name + ".gz")) if os.path.isfile(p)), None)
+        if path is None:
+            return None
+        found.append(path)
+    return found[0], found[1]
+
+
 def _mnist(root: str, train: bool, pad: int, download: bool = False) -> TensorImageDataset:
-    from torchvision.datasets import MNIST
-    try:
-        ds = MNIST(root, train=train, download=False)
-    except RuntimeError:
+    files = _find_mnist_files(root, train)
+    if files is None:
         if not download:
             raise _not_found("mnist", [os.path.join(root, "MNIST", "raw")],
-                             "the MNIST files (train-images-idx3-ubyte[.gz], ...) in MNIST/raw") from None
-        ds = MNIST(root, train=train, download=True)
-    return TensorImageDataset(ds.data.unsqueeze(-1).contiguous(), ds.targets, MNIST_MEAN, MNIST_STD, pad=pad)
+                             "the MNIST files (train-images-idx3-ubyte[.gz], ...) in MNIST/raw")
+        from torchvision.datasets import MNIST
+        MNIST(root, train=train, download=True)
+        files = _find_mnist_files(root, train)
+    images, labels = read_idx(files[0]), read_idx(files[1]).long()
+    if images.dim() != 3 or labels.shape != images.shape[:1]:
+        raise ValueError(f"mnist: images {tuple(images.shape)} and labels {tuple(labels.shape)} in {files} "
+                         "do not match (expected [N, 28, 28] and [N])")
+    return TensorImageDataset(images.unsqueeze(-1).contiguous(), labels, MNIST_MEAN, MNIST_STD, pad=pad)
 
 
 def _cifar_class():
