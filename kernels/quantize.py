@@ -37,11 +37,13 @@ def rint_half_even(q):
 
 @triton.jit
 def quantize(v, lo, hi, delta):
-    """``Q(v; lo, hi, ·)`` for a float32 block ``v``; ``lo, hi, delta`` float32 scalars."""
+    """``Q(v; lo, hi, ·)`` for a float32 block ``v``; ``lo, hi, delta`` float32 scalars. NaN and ±Inf
+    propagate."""
     # NaN-propagating clamp: a NaN input stays NaN (never quantized to a finite level)
     c = tl.minimum(tl.maximum(v, lo, propagate_nan=tl.PropagateNan.ALL), hi,
                    propagate_nan=tl.PropagateNan.ALL)
-    return lo + rint_half_even(tl.div_rn(c - lo, delta)) * delta
+    q = lo + rint_half_even(tl.div_rn(c - lo, delta)) * delta
+    return tl.where(tl.abs(v) == float("inf"), v, q)  # ±Inf propagates too
 
 
 @triton.jit

@@ -61,8 +61,9 @@ def perturb_weight(w, e, w_lo, w_hi, w_delta, eta_mul, sigma, k0, k1, i0, i1, c3
     """``Wn`` (float32) from ``W`` (float32 block) at flat weight indices ``e`` (int block),
     instance words ``(i0, i1)``, key ``(k0, k1)``, ``c3_base = 4·layer_key`` (uint32)."""
     if W_CLIP:
-        w = tl.minimum(tl.maximum(w, w_lo, propagate_nan=tl.PropagateNan.ALL), w_hi,
-                       propagate_nan=tl.PropagateNan.ALL)  # a NaN weight stays NaN
+        w_c = tl.minimum(tl.maximum(w, w_lo, propagate_nan=tl.PropagateNan.ALL), w_hi,
+                         propagate_nan=tl.PropagateNan.ALL)  # a NaN weight stays NaN
+        w = tl.where(tl.abs(w) == float("inf"), w, w_c)  # and so does ±Inf
     if W_Q:
         w = quantize(w, w_lo, w_hi, w_delta)
     if NOISE_MUL:

@@ -34,15 +34,23 @@ def quantize(v: torch.Tensor, lo: float, hi: float, bits: int) -> torch.Tensor:
     """``Q(v; lo, hi, bits)`` in ``v``'s dtype: ``lo + round((clamp(v) − lo)/Δ)·Δ``, half-to-even,
     ``Δ = (hi − lo)/(2^bits − 1)`` computed in that dtype; identity for ``bits = 0``. On the empty
     range ``lo = hi`` (only all-zero weights measure one, see `OpParams.weight_range`) it is the
-    clamp to ``lo``."""
+    clamp to ``lo``. NaN and ±Inf propagate: ``Q(NaN) = NaN``, ``Q(±Inf) = ±Inf``."""
     if bits <= 0:
         return v
     lo_t = torch.tensor(lo, dtype=v.dtype, device=v.device)
     hi_t = torch.tensor(hi, dtype=v.dtype, device=v.device)
     if not hi > lo:
-        return torch.minimum(torch.maximum(v, lo_t), hi_t)
+        return clip(v, lo, hi)
     delta = (hi_t - lo_t) / torch.tensor(float((1 << bits) - 1), dtype=v.dtype, device=v.device)
-    return lo_t + torch.round((torch.minimum(torch.maximum(v, lo_t), hi_t) - lo_t) / delta) * delta
+    q = lo_t + torch.round((torch.minimum(torch.maximum(v, lo_t), hi_t) - lo_t) / delta) * delta
+    return torch.where(torch.isinf(v), v, q)
+
+
+def clip(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``clamp(v, lo, hi)`` that lets NaN and ±Inf through (a fault is never made finite)."""
+    lo_t = torch.tensor(lo, dtype=v.dtype, device=v.device)
+    hi_t = torch.tensor(hi, dtype=v.dtype, device=v.device)
+    return torch.where(torch.isinf(v), v, torch.minimum(torch.maximum(v, lo_t), hi_t))
 
 
 def in_range_mask(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -98,7 +106,7 @@ def weight_quantized(weight: torch.Tensor, p: OpParams, cd: torch.dtype):
     mask = None
     if p.w_clip:
         mask = in_range_mask(w, lo, hi)
-        w = torch.clamp(w, lo, hi)
+        w = clip(w, lo, hi)
         w = quantize(w, lo, hi, p.w_bits)
     return w, p.sigma(lo, hi), mask
 

@@ -5,9 +5,8 @@ under TRITON_INTERPRET=1), forward and backward:
   channel, ``tile_rows`` larger than K, K = 1;
 * ranges that cannot be formed: ``w_range = k`` on weights whose std is 0 or undefined (the
   documented max|W| rule, docs/models.md), a constant calibration activation (widened), never NaN;
-* NaN in inputs or weights propagates through every quantizer and clip (never a finite number);
-  ±Inf saturates a quantizer with a finite range (documented); NaN in a calibration batch is an
-  error naming the layer.
+* NaN and ±Inf in inputs or weights propagate through every quantizer and clip (never a finite
+  number); NaN in a calibration batch is an error naming the layer.
 """
 import math
 import os
@@ -236,21 +235,41 @@ def test_nan_weight_with_measured_range_makes_every_output_nan(backend):
         assert torch.isnan(y).all()
 
 
-def test_inf_saturates_a_finite_quantizer_range(backend):
-    """±Inf is a saturating value for a quantizer or clip with a finite range (as a DAC / ADC):
-    Q(+Inf) = hi, Q(−Inf) = lo, with zero straight-through gradient; without a quantizer it
-    propagates (docs/models.md, "Non-finite values")."""
+@pytest.mark.parametrize("name", ["in_q", "out_q", "w_clip_q", "everything"])
+def test_inf_in_input_propagates_through_every_quantizer(backend, name):
+    """±Inf in an input is never quantized to a finite level (SPEC: faults propagate): the DAC, the
+    weight clip and the ADC pass ±Inf through, so the outputs that read it are ±Inf (or NaN where
+    +Inf and −Inf meet), the others stay finite; its straight-through gradient is 0."""
     dt = _dtype(backend)
-    x = torch.tensor([[math.inf, -math.inf, 0.5]], dtype=dt, requires_grad=True)
-    w = torch.tensor([[1.0, 1.0, 1.0]], dtype=dt)
-    cfg = LayerConfig(in_bits=8, in_range=(-1.0, 1.0))
+    cfg = QUANT[name].replace(eta=0.0, eta_mul=0.0, out_noise=0.0) if name == "everything" else QUANT[name]
+    x = torch.tensor([[math.inf, 0.25, 0.5], [-math.inf, 0.25, 0.5], [0.1, 0.2, 0.3]], dtype=dt,
+                     requires_grad=True)
+    w = torch.tensor([[0.5, 0.5, 0.5], [0.25, -0.5, 0.75]], dtype=dt)
     y = noisy_linear(x, w, config=cfg, seed=0)
-    want = noisy_linear(torch.tensor([[1.0, -1.0, 0.5]], dtype=dt), w, config=cfg, seed=0)
-    assert torch.equal(y.detach(), want)
-    y.sum().backward()
-    assert x.grad[0, 0] == 0 and x.grad[0, 1] == 0 and x.grad[0, 2] == 1
-    y_plain = noisy_linear(x.detach(), w, config=LayerConfig(eta=0.1), seed=0)
-    assert not torch.isfinite(y_plain).any()
+    assert torch.equal(y[0].detach(), torch.full((2,), math.inf, dtype=dt)), y
+    assert torch.equal(y[1].detach(), torch.tensor([-math.inf, -math.inf], dtype=dt)), y
+    assert torch.isfinite(y[2]).all(), y
+    y[2].sum().backward()
+    if cfg.in_bits:
+        assert x.grad[0, 0] == 0 and x.grad[1, 0] == 0  # outside [lo, hi]: no straight-through gradient
+
+
+def test_inf_in_a_weight_propagates_through_clip_and_quantizer(backend):
+    """An Inf weight under a fixed range is not clipped to ``w_hi``: the outputs it feeds are ±Inf."""
+    dt = _dtype(backend)
+    w = torch.tensor([[0.5, 0.5, 0.5], [0.25, -0.5, 0.75]], dtype=dt)
+    w[1, 1] = -math.inf
+    x = torch.tensor([[0.25, 0.5, 0.75]], dtype=dt)
+    for cfg in (QUANT["w_clip_q"], QUANT["w_clip_q"].replace(out_bits=8, out_range=(-1.0, 1.0))):
+        y = noisy_linear(x, w, config=cfg, seed=0)
+        assert torch.isfinite(y[0, 0]) and y[0, 1] == -math.inf, y
+
+
+def test_inf_without_a_quantizer_propagates(backend):
+    dt = _dtype(backend)
+    x = torch.tensor([[math.inf, 0.0, 0.5]], dtype=dt)
+    y = noisy_linear(x, torch.ones(2, 3, dtype=dt), config=LayerConfig(eta=0.1), seed=0)
+    assert not torch.isfinite(y).any()
 
 
 def test_nan_in_calibration_batch_names_the_layer():

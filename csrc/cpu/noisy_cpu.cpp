@@ -56,18 +56,22 @@ inline float qround<float>(float v) {
 
 template <typename T>
 inline T quant(T v, T lo, T hi, T delta) {
+  if (std::isinf(v)) return v;  // ±Inf propagates (as NaN does through the ternaries)
   const T c = v < lo ? lo : (v > hi ? hi : v);
   return lo + qround<T>((c - lo) / delta) * delta;
 }
 
 #if defined(NOISYOPS_CPU_AVX2)
 // Q of 8 floats, the same operations in the same order as quant<float> (no FMA):
-// NaN stays NaN (max/min return their second operand when one is NaN, as the ternaries do).
+// NaN stays NaN (max/min return their second operand when one is NaN, as the ternaries do);
+// ±Inf is blended back in (Q(±Inf) = ±Inf).
 inline __m256 quant8(__m256 v, __m256 lo, __m256 hi, __m256 delta) {
   const __m256 c = _mm256_min_ps(hi, _mm256_max_ps(lo, v));
   const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(c, lo), delta),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return _mm256_add_ps(lo, _mm256_mul_ps(r, delta));
+  const __m256 abs_v = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
+  const __m256 is_inf = _mm256_cmp_ps(abs_v, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ);
+  return _mm256_blendv_ps(_mm256_add_ps(lo, _mm256_mul_ps(r, delta)), v, is_inf);
 }
 // 8 mask bits: lo <= v <= hi (false for NaN).
 inline uint32_t inrange8(__m256 v, __m256 lo, __m256 hi) {
@@ -169,7 +173,7 @@ void noisy_weights_impl(const T* w, T* out, int64_t numel, const std::vector<int
       T* dst = out + k * numel + e0;
       for (int64_t i = 0; i < n; ++i) {
         T v = src[i];
-        if (clip) {
+        if (clip && !std::isinf(v)) {  // ±Inf (and NaN) pass through the clip and the quantizer
           v = v < lo ? lo : (v > hi ? hi : v);
           if (q.on) v = lo + qround<T>((v - lo) / q.delta) * q.delta;
         }

@@ -5,6 +5,8 @@
 // round is round-half-to-even (rint / nearbyint in the default rounding mode), as torch.round.
 // The division is a true division (not a multiply by 1/delta) so every backend rounds ties alike.
 // The straight-through mask is 1 where lo <= v <= hi (gradient passes), 0 where v saturated.
+// Non-finite values propagate: Q(NaN) = NaN (the comparisons are false) and Q(±Inf) = ±Inf, so a
+// fault in the input is never turned into a finite level; their mask bit is 0.
 #pragma once
 #include <math.h>
 #include "philox.h"
@@ -20,7 +22,7 @@ struct Quantizer {
         on(bits > 0) {}
 
   NOISYOPS_HD float operator()(float v) const {
-    if (!on) return v;
+    if (!on || fabsf(v) == INFINITY) return v;
     const float c = v < lo ? lo : (v > hi ? hi : v);
     return lo + rintf((c - lo) / delta) * delta;
   }
@@ -28,6 +30,9 @@ struct Quantizer {
   NOISYOPS_HD bool passes(float v) const { return !on || (v >= lo && v <= hi); }
 };
 
-NOISYOPS_HD float clamp_range(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+// The weight clip: ±Inf and NaN pass through, as in the quantizer.
+NOISYOPS_HD float clamp_range(float v, float lo, float hi) {
+  return fabsf(v) == INFINITY ? v : (v < lo ? lo : (v > hi ? hi : v));
+}
 
 }  // namespace noisyops
