@@ -1,8 +1,10 @@
 // Eight Philox4x32-10 streams at once with AVX2, and the Box-Muller normals of SPEC section 3.
 //
 // Bit-identical words and uniforms to csrc/include/noisyops/philox.h (tested against it and the
-// torch reference); normals use SLEEF's 1-ulp logf/sincosf (exported by libtorch_cpu), so they agree
-// with the scalar / reference normals within a few ulp. Without AVX2 the scalar header is used.
+// torch reference); normals use SLEEF's 3.5-ulp logf/sincosf (`u35`, exported by libtorch_cpu), so
+// they agree with the scalar / reference normals within a few ulp (max 5 over 2^24 normals, against
+// 3 with the 1-ulp `u10` functions, which are 1.43x slower per thread: docs/benchmarks_cpu.md, item 5).
+// Without AVX2 the scalar header is used.
 #pragma once
 #include <stdint.h>
 
@@ -64,8 +66,8 @@ inline void normals32(const Stream& s, uint64_t g0, float* out) {
     const __m256 ua = uni(wa), ub = uni(wb);
     const __m256 a = _mm256_max_ps(ua, tiny);  // a < 1e-7 ? 1e-7 : a (ua is never NaN)
     const __m256 theta = _mm256_mul_ps(two_pi, ub);
-    const __m256 r = _mm256_sqrt_ps(_mm256_mul_ps(m2, Sleef_logf8_u10avx2(a)));
-    const Sleef___m256_2 sc = Sleef_sincosf8_u10avx2(theta);
+    const __m256 r = _mm256_sqrt_ps(_mm256_mul_ps(m2, Sleef_logf8_u35avx2(a)));
+    const Sleef___m256_2 sc = Sleef_sincosf8_u35avx2(theta);
     *na = _mm256_mul_ps(r, sc.y);  // r cos
     *nb = _mm256_mul_ps(r, sc.x);  // r sin
   };
