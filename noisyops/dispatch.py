@@ -15,7 +15,9 @@ dtypes the backend supports (``SUPPORTED_DTYPES``): exactly ``F.conv2d`` / ``F.l
 not. `route_counts` says how often each route ran.
 
 Every call records which backend ran (`last_backend`, `backend_counts`), and logs it at DEBUG
-level on the ``noisyops.dispatch`` logger, so a fallback is never silent.
+level on the ``noisyops.dispatch`` logger, so a fallback is never silent. `path_counts` says which
+call path reached the kernel: the custom op (``custom_op``) or the eager fast path (``eager``,
+`noisyops.eager`).
 """
 from __future__ import annotations
 
@@ -73,7 +75,9 @@ class Backend:
 _REGISTRY: Dict[str, Backend] = {name: Backend(name, f"noisyops.backends.{name}") for name in BACKENDS}
 _counts: collections.Counter = collections.Counter()
 _route_counts: collections.Counter = collections.Counter()
+_path_counts: collections.Counter = collections.Counter()
 _last: Dict[str, str] = {}
+_clean = None  # noisyops.clean, imported on first use (it imports noisyops.plan)
 
 
 def backend(name: str) -> Backend:
@@ -103,10 +107,15 @@ def _accepts_dtype(mod, dtype) -> bool:
     return supported is None or dtype in supported
 
 
-def run(kernel: str, plan, device_type: str, *args, **kwargs):
+def run(kernel: str, plan, device_type: str, *args, path: str = "custom_op", **kwargs):
     """Run ``kernel`` for ``plan`` on the first backend that accepts the call; record which one
-    ran. ``args`` are the kernel's arguments (`noisyops.reference` signatures)."""
-    from . import clean
+    ran, and the call ``path`` that got here (``custom_op`` or ``eager``). ``args`` are the
+    kernel's arguments (`noisyops.reference` signatures)."""
+    global _clean
+    clean = _clean
+    if clean is None:
+        from . import clean
+        _clean = clean
     forced = forced_backend()
     tried = []
     for name in ([forced] if forced is not None else PREFERENCE.get(device_type, ("reference",))):
@@ -131,6 +140,7 @@ def run(kernel: str, plan, device_type: str, *args, **kwargs):
             continue
         _counts[(kernel, name)] += 1
         _route_counts[(kernel, plan.route)] += 1
+        _path_counts[(kernel, path)] += 1
         _last[kernel] = name
         if log.isEnabledFor(logging.DEBUG):
             if tried:
@@ -157,8 +167,15 @@ def route_counts() -> Dict[Tuple[str, str], int]:
     return dict(_route_counts)
 
 
+def path_counts() -> Dict[Tuple[str, str], int]:
+    """``{(kernel, path): calls}`` since the last `reset_counts`; ``path`` is ``custom_op`` (the
+    ``torch.library`` ops of `noisyops.ops`) or ``eager`` (the fast path, `noisyops.eager`)."""
+    return dict(_path_counts)
+
+
 def reset_counts() -> None:
     _counts.clear()
+    _path_counts.clear()
     _route_counts.clear()
     _last.clear()
 

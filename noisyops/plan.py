@@ -235,6 +235,62 @@ def _numel(shape) -> int:
     return n
 
 
+# ---- the per-layout cache of the eager path ------------------------------------------------------
+# Everything in a plan but the instance tensor, the chip weights and a measured weight range is a
+# function of (p, shapes, strides, dtype, conv geometry): the eager path (`noisyops.eager`) builds
+# that part once per layout and fills in the rest per call. Keys hold ``id(p)`` and the entry holds
+# ``p`` itself, so the id cannot be reused while the entry lives.
+_CACHE: dict = {}
+_CACHE_MAX = 1024
+_MEASURED = ("w_lo", "w_hi", "sigma")
+
+
+def _measured(p: OpParams) -> bool:
+    """Whether the plan's weight numbers are measured on the call's weights (``±k·std(W)``)."""
+    return (p.has_weight_noise or bool(p.w_clip)) and p.w_std_k > 0
+
+
+def _from_cache(key, p: OpParams, build, weight, instance, chip_weights) -> CallPlan:
+    hit = _CACHE.get(key)
+    if hit is None or hit[0] is not p:
+        plan = build()
+        fields = dict(plan.__dict__)
+        for name in ("instance", "chip_weights") + (_MEASURED if _measured(p) else ()):
+            del fields[name]
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.clear()
+        _CACHE[key] = (p, fields)
+        return plan
+    plan = object.__new__(CallPlan)  # the frozen dataclass's fields, set as __init__ would
+    d = plan.__dict__
+    d.update(hit[1])
+    d["instance"] = instance
+    d["chip_weights"] = _chips(p, chip_weights)
+    if _measured(p):
+        d["w_lo"], d["w_hi"], d["sigma"] = _weight_numbers(p, weight, True)
+    return plan
+
+
+def conv2d_plan_cached(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
+                       padding: Sequence[int], dilation: Sequence[int], groups: int, p: OpParams,
+                       instance: torch.Tensor, chip_weights: Optional[torch.Tensor] = None) -> CallPlan:
+    """`conv2d_plan` (measured) for plain tensors, its layout-derived part built once per layout
+    (the eager path; equal field by field to `conv2d_plan`, tests/test_eager.py)."""
+    key = ("conv2d", id(p), x.shape, x.stride(), x.dtype, weight.shape, tuple(stride), tuple(padding),
+           tuple(dilation), groups)
+    return _from_cache(key, p, lambda: conv2d_plan(x, weight, stride, padding, dilation, groups, p,
+                                                   instance, chip_weights=chip_weights),
+                       weight, instance, chip_weights)
+
+
+def linear_plan_cached(x: torch.Tensor, weight: torch.Tensor, p: OpParams, instance: torch.Tensor,
+                       chip_weights: Optional[torch.Tensor] = None) -> CallPlan:
+    """`linear_plan` (measured) for plain tensors, cached per layout as `conv2d_plan_cached`."""
+    key = ("linear", id(p), x.shape, x.dtype, weight.shape)
+    return _from_cache(key, p, lambda: linear_plan(x, weight, p, instance, chip_weights=chip_weights),
+                       weight, instance, chip_weights)
+
+
 def conv2d_plan(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
                 dilation: Sequence[int], groups: int, p: OpParams, instance: torch.Tensor,
                 measure: bool = True, chip_weights: Optional[torch.Tensor] = None) -> CallPlan:

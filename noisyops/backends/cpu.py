@@ -93,12 +93,23 @@ def chunk_bytes() -> int:
 _tls = threading.local()
 
 
+_MAX_VIEWS = 64  # cached workspace views per thread (one per distinct layout in use)
+
+
 def _workspace(slot: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A reused per-thread buffer laid out like the dense tensor ``like`` (no fresh pages per call).
 
     For temporaries that never leave the kernel (the quantized input of a product, a masked
     gradient): reusing one buffer avoids the page faults of a fresh large allocation per layer.
+    The view for a layout is made once and reused while the buffer stays (per-call overhead).
     """
+    views = getattr(_tls, "views", None)
+    if views is None:
+        views = _tls.views = {}
+    key = (slot, like.shape, like.stride(), dtype)
+    view = views.get(key)
+    if view is not None:
+        return view
     bufs = getattr(_tls, "bufs", None)
     if bufs is None:
         bufs = _tls.bufs = {}
@@ -106,7 +117,12 @@ def _workspace(slot: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     buf = bufs.get(slot)
     if buf is None or buf.numel() < n or buf.dtype != dtype:
         buf = bufs[slot] = torch.empty(max(n, 1), dtype=dtype)
-    return buf[:n].as_strided(like.shape, like.stride())
+        for k in [k for k in views if k[0] == slot]:  # views of the old buffer
+            del views[k]
+    if len(views) >= _MAX_VIEWS:
+        views.clear()
+    view = views[key] = buf[:n].as_strided(like.shape, like.stride())
+    return view
 
 
 def _bits_workspace(slot: str, numel: int) -> torch.Tensor:
@@ -130,6 +146,12 @@ def _quantize_ws(slot, x, lo, hi, bits, passes=None):
 
 def _dense(t, fmt):
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
+
+
+def _to(t, dtype):
+    """``t.to(dtype)`` (``t`` itself when it has that dtype, as ``.to`` returns it) without the
+    cost of ``.to``'s argument parsing on the common no-op call."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _place(out, part, rng, order, batch: int):
@@ -167,7 +189,7 @@ class _Weights:
 
     def source(self) -> torch.Tensor:
         if self._wc is None:
-            self._wc = self.weight.detach().to(self.cd).contiguous()
+            self._wc = _to(self.weight.detach(), self.cd).contiguous()
         return self._wc
 
     def make(self, ids: Sequence[int], passes=None) -> torch.Tensor:
@@ -175,7 +197,7 @@ class _Weights:
 
         With ``passes`` the float32 generator is recorded (the values are there after passes.run())."""
         if not self.transform:
-            return self.weight.detach().to(self.out_dtype).unsqueeze(0)
+            return _to(self.weight.detach(), self.out_dtype).unsqueeze(0)
         ids = list(ids) if self.noise else [0]
         w = self.source()
         p = self.p
@@ -412,7 +434,7 @@ def _forward(layer, plan: CallPlan, x, weight, bias):
     ids_t = torch.tensor(ids, dtype=torch.int64) if p.out_noise > 0 else None
     for t, tile in enumerate(tiles):
         part = _products(layer, xq, wsrc, None, p, ids, tile, x.dtype, wn_call)
-        part = _dense(part.to(cd), fmt)
+        part = _dense(_to(part, cd), fmt)
         if p.out_noise > 0 and part.numel() == 0:
             pass  # an empty batch: no output noise to draw
         elif p.out_noise > 0 and cd == torch.float64:  # exact-check dtype: the torch stream (see _Weights.make)
@@ -433,8 +455,8 @@ def _forward(layer, plan: CallPlan, x, weight, bias):
         else:
             acc = part if acc is None else acc.add_(part)
     if bias is not None:
-        acc.add_(layer.bias_view(bias.to(cd)))
-    y = _dense(acc.to(x.dtype), fmt)
+        acc.add_(layer.bias_view(_to(bias, cd)))
+    y = _dense(_to(acc, x.dtype), fmt)
     return y, (words if words is not None else x.new_empty((0,), dtype=torch.int32))
 
 
@@ -503,8 +525,8 @@ def _backward(layer, plan: CallPlan, grad_y, x, weight, out_mask, y_stride, need
     p = plan.p
     cd, fmt = plan.compute_dtype, plan.memory_format
     batch = x.shape[0]
-    xc = _dense(x.to(cd), fmt)
-    g = _dense(grad_y.to(cd), fmt)
+    xc = _dense(_to(x, cd), fmt)
+    g = _dense(_to(grad_y, cd), fmt)
     if p.out_bits and not _same_layout(g.shape, g.stride(), y_stride):
         # the mask bits follow y's storage order: lay the gradient out like y was
         g = torch.empty_strided(g.shape, tuple(y_stride), dtype=cd).copy_(g)
@@ -553,11 +575,11 @@ def _backward(layer, plan: CallPlan, grad_y, x, weight, out_mask, y_stride, need
     if grad_x is not None:
         if p.in_bits:
             grad_x = _input_ste_(grad_x, xc, x_bits, p)
-        grad_x = grad_x.to(x.dtype)
+        grad_x = _to(grad_x, x.dtype)
     if grad_w is not None:
         if p.w_clip:
             grad_w = _ste_(grad_w, wsrc.source(), wsrc.lo, wsrc.hi)
-        grad_w = grad_w.to(weight.dtype)
+        grad_w = _to(grad_w, weight.dtype)
     return grad_x, grad_w
 
 
