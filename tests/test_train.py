@@ -212,7 +212,7 @@ def test_torchrun_two_process_gloo(shared_dir, tmp_path):
 
 
 _DDP_SCRIPT = r'''
-import os, sys, torch
+import gc, os, sys, torch
 torch.set_num_threads(1)
 import torch.distributed as dist
 import noisyops
@@ -242,6 +242,8 @@ if rank == 0:
     assert seeds[0][1] == seeds[1][1] == 3, seeds     # same counters
     assert torch.equal(ws[0], ws[1])                  # DDP keeps the weights identical
     print("DDP-OK")
+del ddp  # the DDP reducer holds the process group: drop it before the group is destroyed
+gc.collect()
 D.cleanup()
 '''
 
