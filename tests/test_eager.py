@@ -72,8 +72,8 @@ def test_eager_no_grad_and_chips_equal_custom_op(backend_env, kind):
     assert not torch.equal(c1[0], c1[1])  # the chips really differ
 
 
-def test_eager_off_inside_compile_and_opcheck_modes():
-    """The fast path steps aside where something could observe the op (dispatch modes)."""
+def test_eager_steps_aside_under_fake_tensors_and_autocast():
+    """The fast path steps aside where something could observe the op (a dispatch mode, autocast)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     x, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
     inst = torch.zeros((), dtype=torch.int64)

@@ -239,9 +239,7 @@ def run(cfg: Dict[str, Any], log=print) -> Optional[Dict[str, Any]]:
         c.log(f"\nclean float teacher: {100 * results['clean']['teacher (float)']:.2f}% on {len(c.test_ds)} test "
               f"images. Table: {sum(int(y.numel()) for _, y in batches)} test images, {e['chips']} chips per η, "
               f"accuracy % (mean ± std over chips)\n" + results["table"])
-    D.barrier()
-    if D.is_distributed():
-        D.cleanup()
+    D.cleanup()  # barriers first
     return results if c.rank == 0 else None
 
 

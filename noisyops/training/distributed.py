@@ -70,7 +70,7 @@ def cleanup() -> None:
     Drop every ``DistributedDataParallel`` wrapper first (``del ddp``, or let the function that
     made it return): its reducer keeps the gloo group alive past ``destroy_process_group``, and a
     group torn down only at interpreter exit can abort a rank ("terminate called without an active
-    exception", seen about one run in six in CI's two-process test when the wrapper was a module
+    exception", seen in 1 of 6–12 runs of CI's two-process test when the wrapper was a module
     global; barrier alone: 2 failures in 90 runs; wrapper dropped first: 0 in 100)."""
     if is_distributed():
         dist.barrier()
