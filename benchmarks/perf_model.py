@@ -4,7 +4,8 @@
                                     [--per-chip 32] [--check]
 
 Layer shapes come from torchvision's resnet50 (forward hooks on a meta-device model at 224×224);
-costs from `noisyops.backends.gpu_cost` (the one GPU cost model; routing does not use it). ``--check`` exits
+costs from `noisyops.backends.gpu_cost` (the one GPU cost model; routing does not use it, the fused
+route's pre-pass / regenerate choice does). ``--check`` exits
 non-zero when the best path misses the target (noisy within 10% of clean) on either GPU.
 Optionally (nvcc + cuobjdump present) the SASS of the pre-pass kernel in the built
 `noisyops._C_cuda` is counted by instruction class as a cross-check of the Philox cost.

@@ -30,10 +30,10 @@ import triton.language as tl
 
 from noisyops.reference import memory_format_of
 
-from . import configs, cost_model
+from . import configs
 from .quantize import in_range, qparams, quantize
 from .stream import normal_at, u32_as_i32
-from .weight_prepass import perturb_weight, prepass, weight_args
+from .weight_prepass import perturb_weight, prepass, use_prepass, weight_args
 
 PER_CALL, PER_SAMPLE, PER_INSTANCE = 0, 1, 2
 SAMPLE_STRIDE = 1 << 24
@@ -340,7 +340,7 @@ def gemm_forward(x4: torch.Tensor, xs, weight: torch.Tensor, bias: Optional[torc
     seg, inst, slots, uniq = segments(p, rows_per_sample, geo.N, instance, device)
     w = weight.detach().contiguous()
     wa = weight_args(p, w)
-    use_pre = cost_model.use_prepass(p, geo, len(uniq), seg, x4.dtype)
+    use_pre = use_prepass(p, geo, len(uniq), device)
     wn = prepass(w, p, wa, uniq, x4.dtype) if use_pre else w
     ilo, ihi, idelta = qparams(p.in_lo, p.in_hi, p.in_bits)
     olo, ohi, odelta = out_args(p)

@@ -27,12 +27,12 @@ import triton.language as tl
 
 from noisyops.reference import memory_format_of
 
-from . import configs, cost_model
+from . import configs
 from .noisy_conv2d import (GROUP_M, Geometry, dot_precision, grouped_tile, launch_gemm, nhwc_strides,
                            segments, tiling)
 from .quantize import in_range, qparams, quantize
 from .stream import u32_as_i32
-from .weight_prepass import perturb_weight, prepass, weight_args
+from .weight_prepass import perturb_weight, prepass, use_prepass, weight_args
 
 
 @triton.jit
@@ -221,7 +221,7 @@ def gemm_grad_input(g4, gs, x4, xs, weight, geo: Geometry, ys, p, instance, rows
     w = weight.detach().contiguous()
     wa = weight_args(p, w, noise=not p.clean_grad_input)
     noisy = wa.noise_add or wa.noise_mul
-    use_pre = cost_model.use_prepass(p, geo, len(uniq) if noisy else 1, seg, x4.dtype) and (noisy or wa.clip)
+    use_pre = use_prepass(p, geo, len(uniq) if noisy else 1, device, train=True) and (noisy or wa.clip)
     if use_pre and not noisy:
         uniq, slots = [0], torch.zeros_like(slots)
     wn = prepass(w, p, wa, uniq, x4.dtype) if use_pre else w

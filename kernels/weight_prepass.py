@@ -10,10 +10,12 @@ For a weight element with flat row-major index ``e`` (into ``[C_out, C_in/groups
 all in float32. The *regenerate* strategy calls `perturb_weight` on every weight tile a GEMM
 program loads; the *pre-pass* strategy runs `_prepass_kernel` once per call and instance, writing
 ``Wn`` in the product dtype to a buffer ``[slots, numel(W)]`` that the GEMM reads instead.
+`use_prepass` picks one per call from the one GPU cost model (`noisyops.backends.gpu_cost`).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import List
 
 import torch
@@ -52,6 +54,28 @@ def weight_args(p, weight: torch.Tensor, noise: bool = True) -> WeightArgs:
     return WeightArgs(lo=flo, hi=fhi, delta=delta, eta_mul=f32(p.eta_mul), sigma=f32(sigma),
                       clip=bool(p.w_clip), quant=bits > 0,
                       noise_mul=noise and p.eta_mul > 0, noise_add=noise and p.eta > 0)
+
+
+def use_prepass(p, geo, instances: int, device, train: bool = False) -> bool:
+    """True when the fused GEMM should read pre-passed weights rather than regenerate them:
+    `noisyops.backends.gpu_cost.best_fused` (the one GPU cost model, a prediction until the GPU
+    check calibrates it; the buffer capped by ``PREPASS_BUDGET_BYTES``) for this conv/linear
+    geometry ``geo`` (`noisy_conv2d.Geometry`), ``instances`` distinct noise instances, on the
+    modelled GPU of ``device``'s arch. ``NOISYOPS_TRITON_WEIGHTS=regen|prepass`` overrides it."""
+    forced = os.environ.get("NOISYOPS_TRITON_WEIGHTS", "").strip().lower()
+    if forced == "regen" or not (p.has_weight_noise or p.w_clip):
+        return False
+    if forced == "prepass":
+        return True
+    from noisyops.backends import gpu_cost
+    from noisyops.params import PER_SAMPLE
+    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else None
+    layer = gpu_cost.Layer("call", "conv", geo.N, geo.C_in, geo.H, geo.W, geo.C_out, geo.KH, geo.KW,
+                           geo.OH, geo.OW, groups=geo.groups)
+    noise = gpu_cost.Noise(weight_noise=int(p.eta > 0) + int(p.eta_mul > 0), in_bits=p.in_bits > 0,
+                           out_bits=p.out_bits > 0, out_noise=p.out_noise > 0, instances=instances,
+                           per_sample=p.sampling == PER_SAMPLE)
+    return gpu_cost.best_fused(layer, noise, train, gpu_cost.gpu_for_arch(major)) == "fused_prepass"
 
 
 @triton.jit

@@ -388,6 +388,31 @@ def test_cost_model_bytes_and_normals():
     assert 100e9 < gc.A100.normal_rate() < gc.H100.normal_rate() < 1e12
 
 
+def test_fused_weight_strategy_comes_from_the_one_cost_model(monkeypatch):
+    """The fused kernels' pre-pass / regenerate choice is `gpu_cost.best_fused` (no second model):
+    per_call over many row tiles pre-passes, per_sample at batch 256 of a 3x3 512x512 conv
+    regenerates (its buffer would be 256·|W|·2 B = 1.2 GB > the budget), the override wins."""
+    from noisyops.backends import gpu_cost as gc
+    from noisyops.kernels.noisy_conv2d import conv_geometry
+    from noisyops.kernels.weight_prepass import use_prepass
+    monkeypatch.delenv("NOISYOPS_TRITON_WEIGHTS", raising=False)
+    cpu = torch.device("cpu")
+    x, w = torch.empty(256, 512, 7, 7, device="meta"), torch.empty(512, 512, 3, 3, device="meta")
+    geo = conv_geometry(x, w, (1, 1), (1, 1), (1, 1), 1)
+    per_call, per_sample = OpParams(eta=0.05), OpParams(eta=0.05, sampling=PER_SAMPLE)
+    assert use_prepass(per_call, geo, 1, cpu) is True
+    assert 256 * w.numel() * gc.ACT_BYTES > gc.PREPASS_BUDGET_BYTES
+    assert use_prepass(per_sample, geo, 256, cpu) is False
+    layer = gc.Layer("l", "conv", 256, 512, 7, 7, 512, 3, 3, 7, 7)
+    assert gc.best_fused(layer, gc.Noise(instances=256, per_sample=True), False, gc.A100) == "fused_regen"
+    assert gc.fused_row_tiles(layer, gc.Noise(instances=256, per_sample=True)) == 256 * -(-49 // gc.ROW_TILE)
+    assert use_prepass(OpParams(in_bits=8, in_lo=-1.0, in_hi=1.0), geo, 1, cpu) is False  # nothing to perturb
+    monkeypatch.setenv("NOISYOPS_TRITON_WEIGHTS", "prepass")
+    assert use_prepass(per_sample, geo, 256, cpu) is True
+    monkeypatch.setenv("NOISYOPS_TRITON_WEIGHTS", "regen")
+    assert use_prepass(per_call, geo, 1, cpu) is False
+
+
 def test_gpu_policy(monkeypatch):
     from noisyops.backends import cuda as cuda_backend, gpu_policy
     x = torch.empty(256, 64, 56, 56, device="meta")

@@ -2,7 +2,8 @@
 ``benchmarks/perf_model.py`` (which writes docs/performance.md from it) and
 `gpu_policy.predicted_times`. Its numbers are **predictions**: no GPU has run these kernels yet,
 and routing does not depend on them (`noisyops.plan.route_of`; `route_time` prices the route the
-plan picks).
+plan picks). The one decision it makes: inside the fused route, whether the Triton GEMM reads
+pre-passed weights or regenerates them (`best_fused`, called by `kernels.weight_prepass.use_prepass`).
 
 Every kernel is charged ``max(flops / peak, bytes / bandwidth) + philox_normals / normal_rate``
 plus a fixed launch overhead; a layer's time is the sum over its kernels. Numbers:
@@ -47,9 +48,10 @@ def _kernel_configs():
     return mod
 
 
-# BM of the fused GEMM's row tiles, read from the kernels' autotune configs (the smallest BM of the
-# arch: the regenerate strategy pays one weight regeneration per row tile).
-ROW_TILES = {arch: min(c["BM"] for c in cfgs) for arch, cfgs in _kernel_configs().GEMM.items()}
+# BM of the fused GEMM's row tiles when it regenerates the weights, read from the kernels' autotune
+# configs (the smallest BM of the family such launches take, `configs.family` -> GEMM_RNG: the
+# regenerate strategy pays one weight regeneration per row tile).
+ROW_TILES = {arch: min(c["BM"] for c in cfgs) for arch, cfgs in _kernel_configs().GEMM_RNG.items()}
 ROW_TILE = min(ROW_TILES.values())
 ACT_BYTES = 2             # bf16 activations / product dtype
 MASTER_BYTES = 4          # fp32 master weights
@@ -59,6 +61,9 @@ TRITON_CONV_EFFICIENCY = 0.7
 # The CUDA path materialises at most this many pre-passed weights (instances × |W|) at once; above
 # it a per_instance / per_sample batch runs one conv per instance (noisyops.backends.cuda).
 MAX_PREPASS_ELEMENTS = 1 << 26
+# The fused Triton path's pre-pass buffer (instances × |W| in the product dtype) may take at most
+# this many bytes; above it the fused GEMM regenerates the weights on-chip (`fused_weights`).
+PREPASS_BUDGET_BYTES = 256 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,7 +301,7 @@ def kernels(layer: Layer, noise: Noise, strategy: str, train: bool,
         return ks
     if strategy == "fused_regen":
         ks.append(_ew("cast W", MASTER_BYTES * W, ACT_BYTES * W))
-        row_tiles = K * math.ceil(L.rows / K / row_tile)  # a row tile never mixes instances
+        row_tiles = fused_row_tiles(L, n, row_tile)
         regen = wn_kinds * W * row_tiles
         ks.append(_gemm("fused GEMM", F, x, W, y, eff=eff, extra_bytes=mask_b, normals=regen + out_normals))
         if train:
@@ -321,7 +326,20 @@ def traffic(layer: Layer, noise: Noise, strategy: str, train: bool) -> Dict[str,
             "normals": sum(k.normals for k in ks), "kernels": len(ks)}
 
 
+def fused_row_tiles(layer: Layer, noise: Noise, row_tile: int = ROW_TILE) -> int:
+    """Row tiles of the fused GEMM: a row tile never mixes noise instances, so per_call has one
+    segment of all ``N·Ho·Wo`` rows, and per_sample / per_instance one segment per sample (the
+    kernels' `segments`)."""
+    if noise.per_sample or noise.instances > 1:
+        return layer.N * math.ceil(layer.Ho * layer.Wo / row_tile)
+    return math.ceil(layer.rows / row_tile)
+
+
 def best_fused(layer: Layer, noise: Noise, train: bool, gpu: GPU) -> str:
+    """The cheaper fused weight strategy by the model, ``fused_prepass`` or ``fused_regen``
+    (pre-pass only while its buffer fits `PREPASS_BUDGET_BYTES`). A prediction."""
+    if max(1, noise.instances) * layer.w_numel * ACT_BYTES > PREPASS_BUDGET_BYTES:
+        return "fused_regen"
     return min(("fused_prepass", "fused_regen"), key=lambda s: layer_time(layer, noise, s, train, gpu))
 
 

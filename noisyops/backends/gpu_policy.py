@@ -49,7 +49,8 @@ def noise_of(p: OpParams, layer: gpu_cost.Layer, batch: int, instances: Optional
     kernel = layer.kh * layer.kw
     tiles = len(tile_bounds(layer.Cin // layer.groups, kernel, p.tile_rows)) if tiled else 1
     return gpu_cost.Noise(weight_noise=int(p.eta > 0) + int(p.eta_mul > 0), in_bits=p.in_bits > 0,
-                          out_bits=p.out_bits > 0, out_noise=p.out_noise > 0, tiles=tiles, instances=k)
+                          out_bits=p.out_bits > 0, out_noise=p.out_noise > 0, tiles=tiles, instances=k,
+                          per_sample=p.sampling == PER_SAMPLE)
 
 
 def predicted_times(kind: str, p: OpParams, x: torch.Tensor, weight: torch.Tensor, gpu: gpu_cost.GPU,
