@@ -8,12 +8,13 @@ A config is ``dict(BM=, BN=, BK=, num_warps=, num_stages=, maxnreg=)`` (``maxnre
 for ResNet-50 shapes, for both archs, and fails on spills or shared memory over the device limit,
 so these lists are checked without a GPU (docs/compile_report.md).
 
-Register budget: the kernels that keep Philox states in registers (regenerated weights: a
-``BK x BN`` tile; output noise: a ``BM x BN`` tile, 4 words + counters per element) or carry two
-``BM x BN`` accumulators through the crossbar-tile loop spill at 64x64 and above (compile report:
-2112 B of spills at 64x64x32 / 4 warps for the forward with regenerated weights, tiles, DAC, ADC and
-output noise on sm_90); they keep the small GEMM_RNG tiles until their epilogue RNG is split into
-sub-tiles. Without in-kernel RNG the 128x128 tiles compile to wgmma / mma.sync without spills.
+Register budget (compile report, K-major weights and one flattened K loop): without in-kernel RNG
+or a per-tile epilogue the 128x128 tiles compile to wgmma / mma.sync without spills; regenerating
+the weights in registers (per_sample) still fits 128x128x32 on both archs; the input-grad's
+out-mask gate without RNG fits 128x128x32; the forward's crossbar-tile epilogue (two BM x BN
+accumulators, output noise, mask words) spills at every tile above 64x64 (1.2-2.2 KB at
+128x128 on sm_90), and with regenerated weights as well even at 64x64 (188 B sm_90, 344 B
+sm_80): those launches keep the small GEMM_RNG tiles.
 """
 from __future__ import annotations
 
@@ -32,20 +33,34 @@ def _c(BM, BN, BK, w, s, maxnreg=None):
 
 
 # Families, chosen per launch by `family` from the kernel's constexpr switches:
-#   GEMM      forward / input-grad GEMM without in-kernel RNG or crossbar-tile epilogue (weights
-#             from the pre-pass or noise-free): >= 128-wide tiles
-#   GEMM_RNG  the same kernels with in-register Philox (regenerated weights, output noise) or the
-#             per-tile ADC epilogue / out-mask gate: the small tiles that compile without spills
+#   GEMM       forward / input-grad GEMM without in-kernel RNG or crossbar-tile epilogue (weights
+#              from the pre-pass or noise-free): >= 128-wide tiles
+#   GEMM_REGEN the same with the weights regenerated in registers (no per-tile epilogue or gate)
+#   GEMM_OMASK input grad gated by the out mask (crossbar tiles), weights from the pre-pass
+#   GEMM_EPI   forward with the crossbar-tile epilogue (ADC / output noise), weights from the pre-pass
+#   GEMM_RNG   regenerated weights together with an epilogue / out-mask gate: the small tiles
 #   WGRAD / WGRAD_Q  weight-grad GEMM (out-channels x in-channels, reduction over rows, split-K with
-#             fp32 atomics) without / with the input quantizer or out-mask gate
+#              fp32 atomics) without / with the input quantizer or out-mask gate
 # Largest tiles first; `pruned` drops the ones wider than the problem.
 GEMM: Dict[int, List[dict]] = {
     80: [_c(128, 128, 32, 8, 3), _c(128, 64, 32, 4, 3), _c(64, 128, 32, 4, 3)],
     90: [_c(128, 128, 64, 8, 3), _c(128, 64, 64, 4, 4), _c(64, 128, 64, 4, 4)],
 }
+GEMM_REGEN: Dict[int, List[dict]] = {
+    80: [_c(128, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
+    90: [_c(128, 128, 32, 8, 3), _c(128, 64, 32, 4, 3), _c(64, 64, 32, 4, 3)],
+}
+GEMM_OMASK: Dict[int, List[dict]] = {
+    80: [_c(128, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
+    90: [_c(128, 128, 32, 8, 3), _c(64, 128, 32, 4, 3), _c(64, 64, 32, 4, 3)],
+}
+GEMM_EPI: Dict[int, List[dict]] = {
+    80: [_c(64, 64, 32, 4, 3)],
+    90: [_c(64, 64, 32, 4, 3)],
+}
 GEMM_RNG: Dict[int, List[dict]] = {
     80: [_c(32, 32, 16, 8, 2, 128), _c(32, 16, 16, 4, 2, 255)],
-    # 64x32 / 4 warps is one warpgroup: the smallest wgmma tile (64x64 spills 1744 B in the forward)
+    # 64x32 / 4 warps is one warpgroup: the smallest wgmma tile
     90: [_c(64, 32, 16, 4, 3), _c(32, 32, 16, 8, 3, 168), _c(32, 16, 16, 4, 3, 255)],
 }
 WGRAD: Dict[int, List[dict]] = {
@@ -59,7 +74,7 @@ WGRAD_Q: Dict[int, List[dict]] = {
     80: [_c(32, 32, 32, 4, 2)],
     90: [_c(32, 32, 16, 4, 3, 255)],
 }
-FAMILIES = ("GEMM", "GEMM_RNG", "WGRAD", "WGRAD_Q")
+FAMILIES = ("GEMM", "GEMM_REGEN", "GEMM_OMASK", "GEMM_EPI", "GEMM_RNG", "WGRAD", "WGRAD_Q")
 
 
 def family(kind: str, consts: dict, elem_bytes: int = 2) -> str:
@@ -72,11 +87,33 @@ def family(kind: str, consts: dict, elem_bytes: int = 2) -> str:
         return "WGRAD_Q" if consts.get("IN_Q") or consts.get("HAS_OMASK") or elem_bytes > 2 else "WGRAD"
     if elem_bytes > 2:
         return "GEMM_RNG"
-    rng = not consts.get("W_PRE") and (consts.get("NOISE_ADD") or consts.get("NOISE_MUL")
-                                       or consts.get("W_CLIP"))
-    epilogue = consts.get("OUT_NOISE") or consts.get("OUT_Q") or consts.get("HAS_OMASK")
-    return "GEMM_RNG" if rng or epilogue else "GEMM"
+    rng = not consts.get("W_PRE") and bool(consts.get("NOISE_ADD") or consts.get("NOISE_MUL")
+                                           or consts.get("W_CLIP"))
+    epilogue = bool(consts.get("OUT_NOISE") or consts.get("OUT_Q"))
+    gate = bool(consts.get("HAS_OMASK"))
+    if rng and (epilogue or gate):
+        return "GEMM_RNG"
+    if rng:
+        return "GEMM_REGEN"
+    if epilogue:
+        return "GEMM_EPI"
+    return "GEMM_OMASK" if gate else "GEMM"
+
+
 INTERPRET_CONFIG = _c(64, 32, 32, 1, 1)
+
+
+def interpret_config() -> dict:
+    """The interpreter's config: `INTERPRET_CONFIG`, or ``NOISYOPS_INTERPRET_TILE="BM,BN,BK"``
+    (tests: code paths that depend on the tile, e.g. the forward's split epilogue at BN >= 64)."""
+    tile = os.environ.get("NOISYOPS_INTERPRET_TILE", "").strip()
+    if not tile:
+        return dict(INTERPRET_CONFIG)
+    try:
+        bm, bn, bk = (int(v) for v in tile.split(","))
+    except ValueError:
+        raise ValueError(f"NOISYOPS_INTERPRET_TILE={tile!r}: expected 'BM,BN,BK' (powers of two >= 16)")
+    return _c(bm, bn, bk, 1, 1)
 ARCHS = (80, 90)
 
 

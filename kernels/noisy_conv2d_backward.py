@@ -32,7 +32,7 @@ from .noisy_conv2d import (GROUP_M, Geometry, dot_precision, grouped_tile, launc
                            segments, tiling)
 from .quantize import in_range, qparams, quantize
 from .stream import u32_as_i32
-from .weight_prepass import perturb_weight, prepass, use_prepass, weight_args
+from .weight_prepass import k_major, perturb_weight, prepass, use_prepass, weight_args
 
 
 @triton.jit
@@ -72,16 +72,21 @@ def _conv_bwd_x_kernel(
     c3 = c3_.to(tl.uint32, bitcast=True)
     xdt = x_ptr.dtype.element_ty
     KK = KH * KW
-    wn_base = wn_ptr
+    w_group = grp.to(tl.int64) * (KK * Cg * Cout_g)
     if W_PRE:
         slot = tl.load(slot_ptr + seg)
-        wn_base = wn_ptr + slot.to(tl.int64) * (Cout_g * tl.num_programs(2) * Cg * KK)
+        b_base = wn_ptr + slot.to(tl.int64) * (tl.num_programs(2) * KK * Cg * Cout_g) + w_group
+    else:
+        b_base = w_ptr + w_group
     if HAS_OMASK:
         t_lo = (pid_n * BN) // per_tile
         t_hi = (tl.minimum(pid_n * BN + BN, Cg) - 1) // per_tile
     else:
         t_lo = 0
         t_hi = 0
+    ih_p = ih + pad_h
+    iw_p = iw + pad_w
+    n_cb = tl.cdiv(Cout_g, BK)
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for t in range(t_lo, t_hi + 1):
@@ -89,38 +94,38 @@ def _conv_bwd_x_kernel(
             ci_ok = col_ok & (ci >= t * per_tile) & (ci < t * per_tile + per_tile)
         else:
             ci_ok = col_ok
-        for r in range(0, KH):
-            oh_num = ih + pad_h - r * dil_h
+        # one flattened K loop over (r, s, out-channel block); the weight tile is a 2-D block of
+        # the K-major weights (`weight_prepass.k_major`), contiguous along the reduction (co)
+        for it in range(0, KK * n_cb):
+            rs = it // n_cb
+            c0 = (it - rs * n_cb) * BK
+            r = rs // KW
+            oh_num = ih_p - r * dil_h
+            ow_num = iw_p - (rs - r * KW) * dil_w
             oh = oh_num // stride_h
-            ok_h = (oh_num >= 0) & (oh_num % stride_h == 0) & (oh < OH)
-            for s in range(0, KW):
-                ow_num = iw + pad_w - s * dil_w
-                ow = ow_num // stride_w
-                pos_ok = row_ok & ok_h & (ow_num >= 0) & (ow_num % stride_w == 0) & (ow < OW)
-                g_row = n * sgn + oh * sgh + ow * sgw
-                y_row = n * syn + oh * syh + ow * syw
-                for c0 in range(0, Cout_g, BK):
-                    co_l = c0 + tl.arange(0, BK)
-                    kk_ok = co_l < Cout_g
-                    co = grp * Cout_g + co_l
-                    a_ok = pos_ok[:, None] & kk_ok[None, :]
-                    a = tl.load(g_ptr + g_row[:, None] + (co * sgc)[None, :], mask=a_ok, other=0.0)
-                    if HAS_OMASK:
-                        off = y_row[:, None] + (co * syc)[None, :]
-                        word = tl.load(mask_ptr + mask_words * t + (off >> 5),
-                                       mask=a_ok, other=0)
-                        a = tl.where(((word >> (off & 31).to(tl.int32)) & 1) != 0, a, 0.0)
-                    a = a.to(xdt)
-                    e = co[:, None] * (Cg * KK) + (ci * KK + r * KW + s)[None, :]
-                    b_ok = kk_ok[:, None] & ci_ok[None, :]
-                    if W_PRE:
-                        b = tl.load(wn_base + e, mask=b_ok, other=0.0)
-                    else:
-                        b = tl.load(w_ptr + e, mask=b_ok, other=0.0).to(tl.float32)
-                        b = perturb_weight(b, e, w_lo, w_hi, w_delta, eta_mul, sigma, k0, k1, i0, i1,
-                                           c3, W_CLIP, W_Q, NOISE_MUL, NOISE_ADD)
-                        b = tl.where(b_ok, b, 0.0).to(xdt)
-                    acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+            ow = ow_num // stride_w
+            pos_ok = row_ok & (oh_num >= 0) & (oh_num % stride_h == 0) & (oh < OH) \
+                & (ow_num >= 0) & (ow_num % stride_w == 0) & (ow < OW)
+            co_l = c0 + tl.arange(0, BK)
+            kk_ok = co_l < Cout_g
+            co = grp * Cout_g + co_l
+            a_ok = pos_ok[:, None] & kk_ok[None, :]
+            a = tl.load(g_ptr + (n * sgn + oh * sgh + ow * sgw)[:, None] + (co * sgc)[None, :],
+                        mask=a_ok, other=0.0)
+            if HAS_OMASK:
+                off = (n * syn + oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
+                word = tl.load(mask_ptr + mask_words * t + (off >> 5), mask=a_ok, other=0)
+                a = tl.where(((word >> (off & 31).to(tl.int32)) & 1) != 0, a, 0.0)
+            a = a.to(xdt)
+            b_ok = kk_ok[:, None] & ci_ok[None, :]
+            b = tl.load(b_base + co_l[:, None] + ((rs * Cg + ci) * Cout_g)[None, :], mask=b_ok, other=0.0)
+            if not W_PRE:
+                if W_CLIP or NOISE_MUL or NOISE_ADD:
+                    e = (co * (Cg * KK))[:, None] + (ci * KK + rs)[None, :]
+                    b = perturb_weight(b.to(tl.float32), e, w_lo, w_hi, w_delta, eta_mul, sigma,
+                                       k0, k1, i0, i1, c3, W_CLIP, W_Q, NOISE_MUL, NOISE_ADD)
+                    b = tl.where(b_ok, b, 0.0).to(xdt)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
     out_ok = row_ok[:, None] & col_ok[None, :]
     cin = grp * Cg + ci
     if IN_Q:
@@ -224,10 +229,11 @@ def gemm_grad_input(g4, gs, x4, xs, weight, geo: Geometry, ys, p, instance, rows
     use_pre = use_prepass(p, geo, len(uniq) if noisy else 1, device, train=True) and (noisy or wa.clip)
     if use_pre and not noisy:
         uniq, slots = [0], torch.zeros_like(slots)
-    wn = prepass(w, p, wa, uniq, x4.dtype) if use_pre else w
+    wn = prepass(w, p, wa, uniq, x4.dtype, groups=geo.groups) if use_pre else w
+    wk = w if use_pre else k_major(w, geo.groups)
     ilo, ihi, _ = qparams(p.in_lo, p.in_hi, p.in_bits)
     n_seg = inst.numel()
-    args = (g4, w, wn, x4, gx, out_mask if p.out_bits else g4, inst, slots,
+    args = (g4, wk, wn, x4, gx, out_mask if p.out_bits else g4, inst, slots,
             geo.H, geo.W, geo.OH, geo.OW, Cg, geo.Cout_g, geo.KH, geo.KW,
             *gs, *ys, *xs, *gxs, *geo.stride, *geo.padding, *geo.dilation,
             seg, per_tile, words, ilo, ihi, wa.lo, wa.hi, wa.delta, wa.eta_mul, wa.sigma,

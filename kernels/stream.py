@@ -52,6 +52,34 @@ def normal_at(element, k0, k1, i0, i1, c3):
 
 
 @triton.jit
+def _four_normals(first, k0, k1, i0, i1, c3):
+    """The four normals ``n[first + l]``, ``l = 0..3``, of one Philox call (``first ≡ 0 mod 4``)
+    joined on two new trailing axes: ``[..., 2, 2]`` with ``l = 2·a + b``."""
+    w0, w1, w2, w3 = philox_words(first, k0, k1, i0, i1, c3)
+    n0, n1 = pair_uniform_to_normal(uint_to_uniform_float(w0), uint_to_uniform_float(w1))
+    n2, n3 = pair_uniform_to_normal(uint_to_uniform_float(w2), uint_to_uniform_float(w3))
+    # tl.join adds a trailing axis: join(join(n0, n2), join(n1, n3))[..., a, b] = n[2a + b]
+    return tl.join(tl.join(n0, n2), tl.join(n1, n3))
+
+
+@triton.jit
+def normals_rows4(first, k0, k1, i0, i1, c3, BM: tl.constexpr, BN: tl.constexpr):
+    """``[BM, BN]`` normals with ``out[4i + l, j] = n[first[i, j] + l]``: ``first`` is an int
+    ``[BM // 4, BN]`` block of element indices ≡ 0 mod 4 (four consecutive rows of a tile are four
+    consecutive stream elements). One Philox call per four outputs, every normal of it used; equal
+    bit for bit to `normal_at` of each element."""
+    x = tl.permute(_four_normals(first, k0, k1, i0, i1, c3), (0, 2, 3, 1))  # [BM/4, 2, 2, BN]
+    return tl.reshape(x, (BM, BN))
+
+
+@triton.jit
+def normals_cols4(first, k0, k1, i0, i1, c3, BM: tl.constexpr, BN: tl.constexpr):
+    """``[BM, BN]`` normals with ``out[i, 4j + l] = n[first[i, j] + l]`` (``first``: ``[BM, BN // 4]``,
+    ≡ 0 mod 4): four consecutive columns are four consecutive stream elements."""
+    return tl.reshape(_four_normals(first, k0, k1, i0, i1, c3), (BM, BN))
+
+
+@triton.jit
 def _stream_kernel(words_ptr, unif_ptr, norm_ptr, start, n, k0_, k1_, i0_, i1_, c3_,
                    BLOCK: tl.constexpr):
     """Test kernel: words (as int32 bits), uniforms and normals of elements ``start + [0, n)``."""

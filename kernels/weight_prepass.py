@@ -97,37 +97,66 @@ def perturb_weight(w, e, w_lo, w_hi, w_delta, eta_mul, sigma, k0, k1, i0, i1, c3
     return w
 
 
+def k_major(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """``W [C_out, Cg, KH, KW]`` (or ``[out, in]``) re-laid K-major as ``[groups, KH·KW·Cg,
+    C_out/groups]``: row ``k = (r·KW + s)·Cg + ci`` of group g holds ``W[g·Cout_g + :, ci, r, s]``,
+    so a GEMM's ``BK x BN`` weight tile is one 2-D block, contiguous along the out channels."""
+    w = weight.detach()
+    w4 = w.reshape(w.shape[0], w.shape[1], 1, 1) if w.dim() == 2 else w
+    C_out, Cg, KH, KW = w4.shape
+    return (w4.reshape(groups, C_out // groups, Cg, KH, KW).permute(0, 3, 4, 2, 1)
+            .reshape(groups, KH * KW * Cg, C_out // groups).contiguous())
+
+
 @triton.jit
-def _prepass_kernel(w_ptr, out_ptr, inst_ptr, numel, w_lo, w_hi, w_delta, eta_mul, sigma,
-                    k0_, k1_, c3_, W_CLIP: tl.constexpr, W_Q: tl.constexpr,
-                    NOISE_MUL: tl.constexpr, NOISE_ADD: tl.constexpr, BLOCK: tl.constexpr):
-    """Grid ``(cdiv(numel, BLOCK), slots)``: slot s perturbs W with instance ``inst_ptr[s]``."""
+def _prepass_kernel(w_ptr, out_ptr, inst_ptr, numel, Cg, Cout_g, KK, w_lo, w_hi, w_delta, eta_mul,
+                    sigma, k0_, k1_, c3_, W_CLIP: tl.constexpr, W_Q: tl.constexpr,
+                    NOISE_MUL: tl.constexpr, NOISE_ADD: tl.constexpr, K_MAJOR: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """Grid ``(cdiv(numel, BLOCK), slots)``: slot s perturbs W with instance ``inst_ptr[s]``.
+    Output element ``o`` of a slot is the flat row-major weight index (``K_MAJOR`` off), or the
+    `k_major` index ``(g·KK·Cg + (rs·Cg + ci))·Cout_g + co_l`` whose noise is that of the weight
+    element ``e = ((g·Cout_g + co_l)·Cg + ci)·KK + rs`` (coalesced stores, gathered loads)."""
     slot = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
+    if K_MAJOR:
+        co_l = offs % Cout_g
+        row = offs // Cout_g
+        kidx = row % (KK * Cg)
+        grp = row // (KK * Cg)
+        e = ((grp * Cout_g + co_l) * Cg + kidx % Cg) * KK + kidx // Cg
+    else:
+        e = offs
     inst = tl.load(inst_ptr + slot)
     i0 = inst.to(tl.uint32)
     i1 = (inst >> 32).to(tl.uint32)
     k0 = k0_.to(tl.uint32, bitcast=True)
     k1 = k1_.to(tl.uint32, bitcast=True)
     c3 = c3_.to(tl.uint32, bitcast=True)
-    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    wn = perturb_weight(w, offs, w_lo, w_hi, w_delta, eta_mul, sigma, k0, k1, i0, i1, c3,
+    w = tl.load(w_ptr + e, mask=ok, other=0.0).to(tl.float32)
+    wn = perturb_weight(w, e, w_lo, w_hi, w_delta, eta_mul, sigma, k0, k1, i0, i1, c3,
                         W_CLIP, W_Q, NOISE_MUL, NOISE_ADD)
     tl.store(out_ptr + slot.to(tl.int64) * numel + offs, wn.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def prepass(weight: torch.Tensor, p, wa: WeightArgs, instances: List[int],
-            dtype: torch.dtype) -> torch.Tensor:
-    """Launcher: ``Wn`` for each instance in ``instances`` as ``[len(instances), numel(W)]`` in
-    ``dtype`` (the product dtype), flat row-major like ``weight``."""
+            dtype: torch.dtype, groups: int = 0) -> torch.Tensor:
+    """Launcher: ``Wn`` for each instance in ``instances`` in ``dtype`` (the product dtype):
+    ``[len(instances), numel(W)]`` flat row-major like ``weight`` (``groups=0``), or with
+    ``groups >= 1`` each slot laid out as `k_major` ``[groups, KH·KW·Cg, Cout_g]`` (the GEMMs)."""
     w = weight.detach().contiguous()
     numel = w.numel()
+    w4 = w.reshape(w.shape[0], -1, 1, 1) if w.dim() == 2 else w
+    C_out, Cg, KH, KW = w4.shape
     inst = torch.tensor(instances, dtype=torch.int64, device=w.device)
-    out = torch.empty((len(instances), numel), dtype=dtype, device=w.device)
+    shape = (len(instances), max(groups, 1), KH * KW * Cg, C_out // max(groups, 1)) if groups else \
+        (len(instances), numel)
+    out = torch.empty(shape, dtype=dtype, device=w.device)
     block = configs.ELEMENTWISE_BLOCK
     _prepass_kernel[(triton.cdiv(numel, block), len(instances))](
-        w, out, inst, numel, wa.lo, wa.hi, wa.delta, wa.eta_mul, wa.sigma,
-        u32_as_i32(p.seed_lo), u32_as_i32(p.seed_hi), u32_as_i32(4 * p.layer_key),
-        W_CLIP=wa.clip, W_Q=wa.quant, NOISE_MUL=wa.noise_mul, NOISE_ADD=wa.noise_add, BLOCK=block)
+        w, out, inst, numel, Cg, C_out // max(groups, 1), KH * KW, wa.lo, wa.hi, wa.delta,
+        wa.eta_mul, wa.sigma, u32_as_i32(p.seed_lo), u32_as_i32(p.seed_hi), u32_as_i32(4 * p.layer_key),
+        W_CLIP=wa.clip, W_Q=wa.quant, NOISE_MUL=wa.noise_mul, NOISE_ADD=wa.noise_add,
+        K_MAJOR=groups > 0, BLOCK=block)
     return out

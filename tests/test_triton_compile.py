@@ -46,6 +46,14 @@ def test_compile_report_jit_specialization(tmp_path):
     lean = [r for r in fwd if r["arch"] == "sm_90" and r["family"] == "GEMM"]
     assert lean and all(r["mma"] == "wgmma" and r["BM"] * r["BN"] >= 128 * 128 for r in lean)
     assert all(r["mma"] in ("mma", "wgmma") for r in records if r["BM"] and r["dtype"] == "bf16")
+    # one flattened K loop over K-major weights: every GEMM's loads are pipelined with cp.async
+    assert all(r["cp_async"] for r in records if r["BM"] and r["kernel"] != "conv_bwd_w"), \
+        [r for r in records if r["BM"] and not r["cp_async"]][:1]
+    # channels-last y with C_out % 32 == 0: the forward's mask words come from registers, no atomics
+    assert not any(r["atomics"] for r in fwd), [r for r in fwd if r["atomics"]][:1]
+    # per_sample regenerates its weights in registers at a >= 128x128 wgmma tile on sm_90
+    regen = [r for r in fwd if r["arch"] == "sm_90" and r["case"] == "per_sample" and r["strategy"] == "regen"]
+    assert regen and all(r["mma"] == "wgmma" and r["BM"] * r["BN"] >= 128 * 128 for r in regen)
 
 
 def test_committed_report_format():

@@ -80,6 +80,47 @@ def test_stream_matches_tl_randint4x_words():
     assert torch.equal(out.to(torch.int64) & 0xFFFFFFFF, words)
 
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _grouped_normals_kernel(out_ptr, ref_ptr, start, k0_, k1_, c3_, ROWS: tl.constexpr,
+                            BM: tl.constexpr, BN: tl.constexpr):
+    """Tile element (i, j) is stream element ``start + i·BN + j`` (ROWS=0: columns consecutive) or
+    ``start + j·BM + i`` (ROWS=1: rows consecutive); writes the grouped draw and `normal_at`."""
+    k0 = k0_.to(tl.uint32, bitcast=True)
+    k1 = k1_.to(tl.uint32, bitcast=True)
+    c3 = c3_.to(tl.uint32, bitcast=True)
+    zero = tl.zeros((), tl.uint32)
+    i = tl.arange(0, BM)[:, None]
+    j = tl.arange(0, BN)[None, :]
+    if ROWS:
+        elem = start + j * BM + i
+        first = start + j * BM + 4 * tl.arange(0, BM // 4)[:, None]
+        got = kstream.normals_rows4(first, k0, k1, zero + 5, zero, c3, BM, BN)
+    else:
+        elem = start + i * BN + j
+        first = start + i * BN + 4 * tl.arange(0, BN // 4)[None, :]
+        got = kstream.normals_cols4(first, k0, k1, zero + 5, zero, c3, BM, BN)
+    tl.store(out_ptr + i * BN + j, got)
+    tl.store(ref_ptr + i * BN + j, kstream.normal_at(elem, k0, k1, zero + 5, zero, c3))
+
+
+@pytest.mark.parametrize("rows", [0, 1])
+def test_grouped_output_noise_equals_normal_at_bit_for_bit(rows):
+    """The epilogue's one-Philox-call-per-four-outputs draws (`normals_rows4` / `normals_cols4`)
+    are exactly the per-element stream `normal_at` gives, and the reference's."""
+    out, ref = torch.empty(16, 32), torch.empty(16, 32)
+    _grouped_normals_kernel[(1,)](out, ref, 1 << 20, kstream.u32_as_i32(0x9ABCDEF1), 0x12345, 14,
+                                  ROWS=rows, BM=16, BN=32)
+    assert torch.equal(out, ref)
+    i, j = torch.meshgrid(torch.arange(16), torch.arange(32), indexing="ij")
+    elem = (1 << 20) + (j * 16 + i if rows else i * 32 + j)
+    want = rstream.normals_at(0x123459ABCDEF1, 3, 2, 5, elem.reshape(-1)).reshape(16, 32)
+    assert _ulps(out, want.float()) <= 4
+
+
 def test_quantize_exact_with_ties():
     x = torch.cat([torch.linspace(-1.5, 1.5, 1001), torch.tensor([-1.0, 1.0, 0.0, 1 / 3])])
     for lo, hi, bits in ((-1.0, 1.0, 2), (-1.0, 1.0, 4), (-0.3, 0.7, 8)):
@@ -99,12 +140,32 @@ def test_weight_prepass_matches_reference():
         torch.testing.assert_close(row, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape,groups", [((6, 4, 3, 3), 2), ((6, 4, 3, 3), 1), ((5, 7), 1)])
+def test_weight_prepass_k_major_is_the_same_noise_relaid(shape, groups):
+    """The GEMMs' K-major pre-pass ``[slots, groups, KH·KW·Cg, Cout_g]`` holds bit for bit the
+    flat pre-pass's noisy weights at `k_major` positions (the noise stays indexed by the flat
+    weight element)."""
+    w = torch.randn(shape)
+    p = OpParams(**FULL)
+    wa = kpre.weight_args(p, w)
+    flat = kpre.prepass(w, p, wa, [7, 2**40 + 1], torch.float32)
+    km = kpre.prepass(w, p, wa, [7, 2**40 + 1], torch.float32, groups=groups)
+    for s in range(2):
+        assert torch.equal(km[s], kpre.k_major(flat[s].view(shape), groups))
+    w4 = w.reshape(shape[0], -1, 1, 1) if w.dim() == 2 else w
+    g = kpre.k_major(w, groups)  # row (r*KW + s)*Cg + ci, column co_l
+    co_l, ci, r, sx = 1, 2 % w4.shape[1], w4.shape[2] - 1, w4.shape[3] - 1
+    row = (r * w4.shape[3] + sx) * w4.shape[1] + ci
+    assert g[groups - 1, row, co_l] == w4[(groups - 1) * (shape[0] // groups) + co_l, ci, r, sx]
+
+
 # ---- conv2d kernels --------------------------------------------------------------------------
 CONV_CASES = [  # (shape x, weight, stride, padding, dilation, groups, channels_last)
     ((2, 4, 6, 6), (6, 2, 2, 3), [2, 1], [1, 1], [1, 2], 2, True),
     ((2, 3, 6, 5), (5, 3, 1, 1), [1, 1], [0, 0], [1, 1], 1, False),
     ((1, 4, 5, 5), (4, 1, 3, 3), [1, 2], [2, 0], [1, 1], 4, True),  # depthwise
     ((2, 2, 5, 5), (4, 2, 2, 2), [2, 1], [1, 0], [1, 2], 1, True),  # small: regen under the interpreter
+    ((1, 3, 4, 4), (64, 3, 3, 3), [1, 1], [1, 1], [1, 1], 1, True),  # C_out % 32 == 0: mask words in registers
 ]
 
 
@@ -130,7 +191,8 @@ def test_conv_fwd_clean_and_bias(case):
 
 
 @pytest.mark.parametrize("sampling,tile_rows,strategy,case", [
-    (0, 4, "regen", 3), (0, 0, "prepass", 0), (1, 4, "regen", 3), (2, 6, "prepass", 0)])
+    (0, 4, "regen", 3), (0, 0, "prepass", 0), (1, 4, "regen", 3), (2, 6, "prepass", 0),
+    (0, 9, "prepass", 4), (1, 18, "regen", 4)])
 def test_conv_fwd_bwd_all_options(sampling, tile_rows, strategy, case, monkeypatch):
     """Every option on: quantizers, clip, both weight noises, output noise, crossbar tiles
     (regenerate-on-chip on a small shape: the interpreter runs Philox op by op)."""
@@ -150,6 +212,16 @@ def test_conv_fwd_bwd_all_options(sampling, tile_rows, strategy, case, monkeypat
     assert gx.stride() == x.stride()
     torch.testing.assert_close(gx, gxr, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gw, gwr, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tile", ["16,64,16", "32,128,32"])
+@pytest.mark.parametrize("case,strategy", [(4, "prepass"), (0, "regen")])
+def test_conv_fwd_wide_tiles(tile, case, strategy, monkeypatch):
+    """Tiles of the GPU configs' widths (BN 64 / 128: several mask words per tile row, column
+    tiles past Cout_g): outputs, masks and gradients as the reference, for aligned (mask words in
+    registers) and unaligned (atomic) masks."""
+    monkeypatch.setenv("NOISYOPS_INTERPRET_TILE", tile)
+    test_conv_fwd_bwd_all_options(0, 9 if case == 4 else 4, strategy, case, monkeypatch)
 
 
 @pytest.mark.parametrize("case", [1, 2])
@@ -326,8 +398,16 @@ def test_autotune_key_has_every_switch_stride_and_padding():
 def test_config_families_and_pruning():
     from noisyops.kernels import configs
     assert configs.family("GEMM", dict(W_PRE=True, NOISE_ADD=True)) == "GEMM"
-    assert configs.family("GEMM", dict(W_PRE=False, NOISE_ADD=True)) == "GEMM_RNG"
-    assert configs.family("GEMM", dict(W_PRE=True, OUT_Q=True)) == "GEMM_RNG"
+    assert configs.family("GEMM", dict(W_PRE=False, NOISE_ADD=True)) == "GEMM_REGEN"
+    assert configs.family("GEMM", dict(W_PRE=True, OUT_Q=True)) == "GEMM_EPI"
+    assert configs.family("GEMM", dict(W_PRE=True, HAS_OMASK=True)) == "GEMM_OMASK"
+    assert configs.family("GEMM", dict(W_PRE=False, W_CLIP=True, OUT_NOISE=True)) == "GEMM_RNG"
+    assert configs.family("GEMM", dict(W_PRE=False, NOISE_MUL=True, HAS_OMASK=True)) == "GEMM_RNG"
+    for fam in configs.FAMILIES:  # every family has configs for both archs
+        assert all(getattr(configs, fam)[arch] for arch in configs.ARCHS)
+    for arch in configs.ARCHS:  # >= 128x128 where the compile report shows it spill-free
+        for fam in ("GEMM", "GEMM_REGEN", "GEMM_OMASK"):
+            assert max(c["BM"] * c["BN"] for c in getattr(configs, fam)[arch]) >= 128 * 128
     assert configs.family("WGRAD", dict(IN_Q=True)) == "WGRAD_Q"
     for arch in configs.ARCHS:
         big = configs.pruned("GEMM", arch, dict(SEG=50176, Cout_g=256, Cg=256, numel_y=1))

@@ -49,10 +49,20 @@ def _kernel_configs():
 
 
 # BM of the fused GEMM's row tiles when it regenerates the weights, read from the kernels' autotune
-# configs (the smallest BM of the family such launches take, `configs.family` -> GEMM_RNG: the
-# regenerate strategy pays one weight regeneration per row tile).
-ROW_TILES = {arch: min(c["BM"] for c in cfgs) for arch, cfgs in _kernel_configs().GEMM_RNG.items()}
+# configs: the smallest BM of the family such launches take (`configs.family`): GEMM_RNG with an
+# output epilogue, GEMM_REGEN without. The regenerate strategy pays one regeneration per row tile.
+_CFG = _kernel_configs()
+ROW_TILES = {arch: min(c["BM"] for c in cfgs) for arch, cfgs in _CFG.GEMM_RNG.items()}
 ROW_TILE = min(ROW_TILES.values())
+REGEN_ROW_TILES = {arch: min(c["BM"] for c in cfgs) for arch, cfgs in _CFG.GEMM_REGEN.items()}
+
+
+def row_tile_for(noise: "Noise", arch: int) -> int:
+    """BM of the regenerating fused GEMM for this noise on sm_``arch``."""
+    epilogue = noise.out_bits or noise.out_noise
+    return (ROW_TILES if epilogue else REGEN_ROW_TILES).get(arch, ROW_TILE)
+
+
 ACT_BYTES = 2             # bf16 activations / product dtype
 MASTER_BYTES = 4          # fp32 master weights
 # The Triton implicit-GEMM conv reaches this fraction of cuDNN's conv throughput (an assumption
@@ -316,7 +326,7 @@ def layer_time(layer: Layer, noise: Noise, strategy: str, train: bool, gpu: GPU,
                triton_eff: Optional[float] = None) -> float:
     """Predicted seconds for one layer (forward, or forward + backward with ``train``);
     ``triton_eff`` overrides `TRITON_CONV_EFFICIENCY` (sensitivity studies)."""
-    row_tile = ROW_TILES.get(int(gpu.arch[3:]), ROW_TILE)
+    row_tile = row_tile_for(noise, int(gpu.arch[3:]))
     return sum(k.time(gpu) for k in kernels(layer, noise, strategy, train, triton_eff, row_tile))
 
 
@@ -363,5 +373,5 @@ def route_strategy(layer: Layer, noise: Noise, train: bool, gpu: GPU) -> str:
 def route_time(layer: Layer, noise: Noise, train: bool, gpu: GPU, triton_eff: Optional[float] = None) -> float:
     """Predicted seconds of what the plan's route runs for one layer (a prediction)."""
     s = route_strategy(layer, noise, train, gpu)
-    row_tile = ROW_TILES.get(int(gpu.arch[3:]), ROW_TILE)
+    row_tile = row_tile_for(noise, int(gpu.arch[3:]))
     return sum(k.time(gpu) for k in kernels(layer, noise, s, train, triton_eff, row_tile))
