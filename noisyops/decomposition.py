@@ -93,6 +93,12 @@ def noisy_weights_op(weight: Tensor, fparams: Sequence[float], iparams: Sequence
     """
     p = OpParams.from_op_args(fparams, iparams)
     cd = reference.compute_dtype(weight.dtype)
+    if weight.device.type == "cuda" and weight.dtype != torch.float64:
+        from .backends import cuda as cuda_backend
+        if cuda_backend.available()[0]:  # the CUDA pre-pass reads the counter on the device
+            lo, hi = p.weight_range(weight)
+            wn = cuda_backend.noisy_weights_on_device(weight, p, instance, lo, hi)
+            return wn, torch.tensor([lo, hi], dtype=torch.float64, device=weight.device)
     counter = int(instance)
     if _cpu_backend_runs(weight.device.type):
         from .backends import cpu as cpu_backend

@@ -194,6 +194,19 @@ def _prepass(weight, plan: CallPlan, inst: torch.Tensor, dtype, noisy=True) -> t
     return out
 
 
+def noisy_weights_on_device(weight: torch.Tensor, p: OpParams, instance: torch.Tensor,
+                            lo: float, hi: float) -> torch.Tensor:
+    """``Wn`` of one call (the decomposition's pre-pass op on CUDA): the CUDA weight pre-pass with
+    the counter ``instance`` (0-d/1-element int64) read on the device, no host sync. Same shape and
+    dtype as ``weight``; ``(lo, hi)`` the call's weight range. Noise index = flat row-major."""
+    w32 = weight.detach().to(torch.float32).contiguous()
+    out = torch.empty((1,) + tuple(w32.shape), dtype=weight.dtype, device=w32.device)
+    inst = instance.reshape(1).to(device=w32.device, dtype=torch.int64, non_blocking=True)
+    _C().weight_prepass(w32, out, inst, p.seed, p.layer_key, lo, hi, p.sigma(lo, hi), p.eta_mul,
+                        bool(p.w_clip), _w_bits(p, lo, hi), p.eta > 0, p.eta_mul > 0)
+    return out[0]
+
+
 def _w_bits(p: OpParams, lo: float, hi: float) -> int:
     """Weight quantizer bits for the pre-pass: off without a clip, and on the empty range (0, 0)
     of all-zero weights (the clamp alone; no 0/0 step), as `noisyops.reference.quantize`."""
