@@ -39,7 +39,8 @@ def _c(BM, BN, BK, w, s, maxnreg=None):
 #   GEMM_REGEN the same with the weights regenerated in registers (no per-tile epilogue or gate)
 #   GEMM_OMASK input grad gated by the out mask (crossbar tiles), weights from the pre-pass
 #   GEMM_EPI   forward with the crossbar-tile epilogue (ADC / output noise), weights from the pre-pass
-#   GEMM_RNG   regenerated weights together with an epilogue / out-mask gate: the small tiles
+#   GEMM_RNG   regenerated weights together with an epilogue / out-mask gate
+#   GEMM_SMALL fp32 operands, the linear's column-grouped output-noise epilogue: the small tiles
 #   WGRAD / WGRAD_Q  weight-grad GEMM (out-channels x in-channels, reduction over rows, split-K with
 #              fp32 atomics) without / with the input quantizer or out-mask gate
 # Largest tiles first; `pruned` drops the ones wider than the problem.
@@ -51,21 +52,28 @@ GEMM_REGEN: Dict[int, List[dict]] = {
     80: [_c(128, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
     90: [_c(128, 128, 32, 8, 3), _c(128, 64, 32, 4, 3), _c(64, 64, 32, 4, 3)],
 }
-GEMM_OMASK: Dict[int, List[dict]] = {
-    # 128x128x32 compiles spill-free for the 3x3 convs but spills 60-508 B for layer3.conv1x1 and
-    # the fc layer (and 64x64x32 does on sm_80): the sizes clean for every compiled shape
-    80: [_c(32, 32, 16, 8, 2, 128), _c(32, 16, 16, 4, 2, 255)],
-    90: [_c(64, 64, 32, 4, 3)],
-}
-GEMM_EPI: Dict[int, List[dict]] = {
-    80: [_c(64, 64, 32, 4, 3)],
-    90: [_c(64, 64, 32, 4, 3)],
-}
-GEMM_RNG: Dict[int, List[dict]] = {
+# The crossbar-tile kernels carry two BM x BN fp32 accumulators through the tile loop: 8 warps on
+# a 64x128 tile (32 accumulator registers per thread each) compile spill-free where 4 warps at
+# 64x64 or 8 warps at 128x128 do not (compile runs, docs/triton.md)
+_SMALL = {
     80: [_c(32, 32, 16, 8, 2, 128), _c(32, 16, 16, 4, 2, 255)],
     # 64x32 / 4 warps is one warpgroup: the smallest wgmma tile
     90: [_c(64, 32, 16, 4, 3), _c(32, 32, 16, 8, 3, 168), _c(32, 16, 16, 4, 3, 255)],
 }
+GEMM_OMASK: Dict[int, List[dict]] = {
+    80: [_c(64, 128, 32, 8, 3)] + _SMALL[80],
+    90: [_c(64, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
+}
+GEMM_EPI: Dict[int, List[dict]] = {
+    80: [_c(64, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
+    90: [_c(64, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
+}
+GEMM_RNG: Dict[int, List[dict]] = {
+    # sm_80: 64x128x32 / 8 warps spills 128 B in the linear's gated input grad with regenerated weights
+    80: list(_SMALL[80]),
+    90: [_c(64, 128, 32, 8, 3)] + _SMALL[90],
+}
+GEMM_SMALL: Dict[int, List[dict]] = {80: list(_SMALL[80]), 90: list(_SMALL[90])}
 WGRAD: Dict[int, List[dict]] = {
     # 128x128x32 / 8 warps spills in the linear's weight grad (104 B sm_80) and the conv's (280 B
     # sm_90); 64x128x32 / 4 warps spills 200 B in the linear's on sm_90; on sm_80 ptxas caps
@@ -77,7 +85,7 @@ WGRAD_Q: Dict[int, List[dict]] = {
     80: [_c(32, 32, 32, 4, 2)],
     90: [_c(32, 32, 16, 4, 3, 255)],
 }
-FAMILIES = ("GEMM", "GEMM_REGEN", "GEMM_OMASK", "GEMM_EPI", "GEMM_RNG", "WGRAD", "WGRAD_Q")
+FAMILIES = ("GEMM", "GEMM_REGEN", "GEMM_OMASK", "GEMM_EPI", "GEMM_RNG", "GEMM_SMALL", "WGRAD", "WGRAD_Q")
 
 
 def family(kind: str, consts: dict, elem_bytes: int = 2) -> str:
@@ -88,8 +96,10 @@ def family(kind: str, consts: dict, elem_bytes: int = 2) -> str:
     fp32 launches take the small families."""
     if kind == "WGRAD":
         return "WGRAD_Q" if consts.get("IN_Q") or consts.get("HAS_OMASK") or elem_bytes > 2 else "WGRAD"
-    if elem_bytes > 2:
-        return "GEMM_RNG"
+    # fp32 operands, and the linear's column-grouped output noise (spills 48-892 B at 64x128 and
+    # 108-620 B at 64x64): the small tiles
+    if elem_bytes > 2 or (consts.get("NOISE4") == 2 and consts.get("OUT_NOISE")):
+        return "GEMM_SMALL"
     rng = not consts.get("W_PRE") and bool(consts.get("NOISE_ADD") or consts.get("NOISE_MUL")
                                            or consts.get("W_CLIP"))
     epilogue = bool(consts.get("OUT_NOISE") or consts.get("OUT_Q"))
@@ -98,8 +108,8 @@ def family(kind: str, consts: dict, elem_bytes: int = 2) -> str:
         return "GEMM_RNG"
     if rng:
         return "GEMM_REGEN"
-    if epilogue:  # the column-grouped output noise (linear) spills at 64x64 (108-620 B)
-        return "GEMM_RNG" if consts.get("NOISE4") == 2 and consts.get("OUT_NOISE") else "GEMM_EPI"
+    if epilogue:
+        return "GEMM_EPI"
     return "GEMM_OMASK" if gate else "GEMM"
 
 

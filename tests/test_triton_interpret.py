@@ -401,7 +401,7 @@ def test_config_families_and_pruning():
     assert configs.family("GEMM", dict(W_PRE=False, NOISE_ADD=True)) == "GEMM_REGEN"
     assert configs.family("GEMM", dict(W_PRE=True, OUT_Q=True)) == "GEMM_EPI"
     assert configs.family("GEMM", dict(W_PRE=True, HAS_OMASK=True)) == "GEMM_OMASK"
-    assert configs.family("GEMM", dict(W_PRE=True, OUT_NOISE=True, NOISE4=2)) == "GEMM_RNG"
+    assert configs.family("GEMM", dict(W_PRE=True, OUT_NOISE=True, NOISE4=2)) == "GEMM_SMALL"
     assert configs.family("GEMM", dict(W_PRE=False, W_CLIP=True, OUT_NOISE=True)) == "GEMM_RNG"
     assert configs.family("GEMM", dict(W_PRE=False, NOISE_MUL=True, HAS_OMASK=True)) == "GEMM_RNG"
     for fam in configs.FAMILIES:  # every family has configs for both archs
@@ -435,7 +435,7 @@ def test_calls_past_int32_offsets_are_declined():
 
 def test_fp32_operands_take_the_small_families():
     from noisyops.kernels import configs
-    assert configs.family("GEMM", dict(W_PRE=True), elem_bytes=4) == "GEMM_RNG"
+    assert configs.family("GEMM", dict(W_PRE=True), elem_bytes=4) == "GEMM_SMALL"
     assert configs.family("WGRAD", dict(), elem_bytes=4) == "WGRAD_Q"
     assert configs.family("WGRAD", dict(), elem_bytes=2) == "WGRAD"
 
