@@ -10,12 +10,10 @@ so these lists are checked without a GPU (docs/compile_report.md).
 
 Register budget (compile report, K-major weights and one flattened K loop): without in-kernel RNG
 or a per-tile epilogue the 128x128 tiles compile to wgmma / mma.sync without spills; regenerating
-the weights in registers (per_sample) still fits 128x128x32 on both archs; the input-grad's
-out-mask gate without RNG fits 64x64x32 on sm_90 for every compiled shape (128x128x32 only for the
-3x3 convs); the forward's crossbar-tile epilogue (two BM x BN
-accumulators, output noise, mask words) spills at every tile above 64x64 (1.2-2.2 KB at
-128x128 on sm_90), and with regenerated weights as well even at 64x64 (188 B sm_90, 344 B
-sm_80): those launches keep the small GEMM_RNG tiles.
+the weights in registers (per_sample) still fits 128x128x32 on both archs; the crossbar-tile
+kernels (two BM x BN accumulators through the tile loop, output noise, mask words, out-mask gate)
+fit 64x128x32 on 8 warps and spill at 128x128 (8 warps) and, for some shapes, at 64x64 (4
+warps); the linear's column-grouped output noise and fp32 operands keep the small tiles.
 """
 from __future__ import annotations
 
@@ -118,7 +116,7 @@ INTERPRET_CONFIG = _c(64, 32, 32, 1, 1)
 
 def interpret_config() -> dict:
     """The interpreter's config: `INTERPRET_CONFIG`, or ``NOISYOPS_INTERPRET_TILE="BM,BN,BK"``
-    (tests: code paths that depend on the tile, e.g. the forward's split epilogue at BN >= 64)."""
+    (tests: code paths that depend on the tile, e.g. several mask words per tile row at BN >= 64)."""
     tile = os.environ.get("NOISYOPS_INTERPRET_TILE", "").strip()
     if not tile:
         return dict(INTERPRET_CONFIG)

@@ -67,14 +67,11 @@ def use_prepass(p, geo, instances: int, device, train: bool = False) -> bool:
         return False
     if forced == "prepass":
         return True
-    from noisyops.backends import gpu_cost
-    from noisyops.params import PER_SAMPLE
+    from noisyops.backends import gpu_cost, gpu_policy
     major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else None
     layer = gpu_cost.Layer("call", "conv", geo.N, geo.C_in, geo.H, geo.W, geo.C_out, geo.KH, geo.KW,
                            geo.OH, geo.OW, groups=geo.groups)
-    noise = gpu_cost.Noise(weight_noise=int(p.eta > 0) + int(p.eta_mul > 0), in_bits=p.in_bits > 0,
-                           out_bits=p.out_bits > 0, out_noise=p.out_noise > 0, instances=instances,
-                           per_sample=p.sampling == PER_SAMPLE)
+    noise = gpu_policy.noise_of(p, layer, geo.N, instances)
     return gpu_cost.best_fused(layer, noise, train, gpu_cost.gpu_for_arch(major)) == "fused_prepass"
 
 

@@ -183,28 +183,31 @@ def _prepass(weight, plan: CallPlan, inst: torch.Tensor, dtype, noisy=True) -> t
     """The noisy weights of the instances ``inst`` (int64 [K], device) in one pre-pass:
     ``[K, *wshape]`` in ``dtype`` (``noisy=False``: Wq, clip + quantize only, K = 1)."""
     p = plan.p
+    lo, hi = (plan.w_lo, plan.w_hi) if plan.w_lo is not None else (0.0, 0.0)
+    return _weights_prepass(weight, p, inst, dtype, lo, hi, plan.sigma, noisy)
+
+
+def _weights_prepass(weight, p: OpParams, inst: torch.Tensor, dtype, lo: float, hi: float,
+                     sigma: float, noisy: bool = True) -> torch.Tensor:
+    """The CUDA weight pre-pass: ``[K, *wshape]`` in ``dtype`` for the K instance ids ``inst``
+    (int64, device: read there, no host sync); ``noisy=False`` or no weight noise: Wq, K = 1."""
     add, mul = noisy and p.eta > 0, noisy and p.eta_mul > 0
     w32 = weight.detach().to(torch.float32).contiguous()
     if not (add or mul):
         inst = inst[:1]
     out = torch.empty((inst.numel(),) + tuple(w32.shape), dtype=dtype, device=w32.device)
-    lo, hi = (plan.w_lo, plan.w_hi) if plan.w_lo is not None else (0.0, 0.0)
-    _C().weight_prepass(w32, out, inst.contiguous(), p.seed, p.layer_key, lo, hi, plan.sigma, p.eta_mul,
+    _C().weight_prepass(w32, out, inst.contiguous(), p.seed, p.layer_key, lo, hi, sigma, p.eta_mul,
                         bool(p.w_clip), _w_bits(p, lo, hi), add, mul)
     return out
 
 
 def noisy_weights_on_device(weight: torch.Tensor, p: OpParams, instance: torch.Tensor,
                             lo: float, hi: float) -> torch.Tensor:
-    """``Wn`` of one call (the decomposition's pre-pass op on CUDA): the CUDA weight pre-pass with
-    the counter ``instance`` (0-d/1-element int64) read on the device, no host sync. Same shape and
-    dtype as ``weight``; ``(lo, hi)`` the call's weight range. Noise index = flat row-major."""
-    w32 = weight.detach().to(torch.float32).contiguous()
-    out = torch.empty((1,) + tuple(w32.shape), dtype=weight.dtype, device=w32.device)
-    inst = instance.reshape(1).to(device=w32.device, dtype=torch.int64, non_blocking=True)
-    _C().weight_prepass(w32, out, inst, p.seed, p.layer_key, lo, hi, p.sigma(lo, hi), p.eta_mul,
-                        bool(p.w_clip), _w_bits(p, lo, hi), p.eta > 0, p.eta_mul > 0)
-    return out[0]
+    """``Wn`` of one call (the decomposition's pre-pass op on CUDA): `_weights_prepass` for the
+    counter ``instance`` (0-d/1-element int64) on the device. Same shape and dtype as ``weight``;
+    ``(lo, hi)`` the call's weight range. Noise index = flat row-major."""
+    inst = instance.reshape(1).to(device=weight.device, dtype=torch.int64, non_blocking=True)
+    return _weights_prepass(weight, p, inst, weight.dtype, lo, hi, p.sigma(lo, hi))[0]
 
 
 def _w_bits(p: OpParams, lo: float, hi: float) -> int:

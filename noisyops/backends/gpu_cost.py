@@ -72,7 +72,7 @@ TRITON_CONV_EFFICIENCY = 0.7
 # it a per_instance / per_sample batch runs one conv per instance (noisyops.backends.cuda).
 MAX_PREPASS_ELEMENTS = 1 << 26
 # The fused Triton path's pre-pass buffer (instances × |W| in the product dtype) may take at most
-# this many bytes; above it the fused GEMM regenerates the weights on-chip (`fused_weights`).
+# this many bytes; above it the fused GEMM regenerates the weights on-chip (`best_fused`).
 PREPASS_BUDGET_BYTES = 256 << 20
 
 
