@@ -185,7 +185,7 @@ def _rss_kb(field):
 def _malloc_trim():
     """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so the RSS a step starts from
     is what is live, not what calibration's or the warm-up step's freed activations left resident
-    (the noisy child calibrates, the clean one does not: +0.85 GB of freed-but-resident heap)."""
+    (the noisy child calibrates, the clean one does not: +0.6–0.85 GB of freed-but-resident heap)."""
     try:
         import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)
