@@ -177,6 +177,90 @@ def test_mask_grad_in_place_bit_exact(dtype):
     assert torch.equal(out2.view(ity), want.view(ity))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("numel,p_clear", [(37, 0.3), (32 * 2048 * 3 + 5, 0.002), (70001, 0.0), (4096, 1.0)])
+@pytest.mark.parametrize("recorded", [False, True])
+def test_mask_grad_borrow_masks_then_restores_bit_exact(dtype, numel, p_clear, recorded):
+    """``cpu_mask_grad_borrow(g, words)`` masks g in place exactly as ``cpu_mask_grad_out`` would,
+    touches only the words with a cleared bit, and ``restore()`` gives back g bit for bit (NaN,
+    -0, ±Inf, a partial last word, blocks of 2048 words) without bumping g's version counter."""
+    from noisyops import _ext
+    C = _ext.cpu()[0]
+    gen = torch.Generator().manual_seed(11)
+    g = torch.randn(numel, generator=gen, dtype=dtype)
+    g[:4] = torch.tensor([float("nan"), -0.0, float("inf"), -float("inf")], dtype=dtype)
+    mask = torch.rand(numel, generator=gen) >= p_clear
+    mask[1] = False  # the -0 lane is masked: +0 while borrowed, -0 again after restore
+    words = reference.pack_mask([mask])[0]
+    ity = torch.int64 if dtype == torch.float64 else torch.int32
+    g0, v0 = g.clone(), g._version
+    want = torch.where(mask, g, torch.zeros((), dtype=dtype))
+    if recorded:
+        passes = C.CpuPasses()
+        borrow = passes.mask_grad_borrow(g, words)
+        passes.run()
+    else:
+        borrow = C.cpu_mask_grad_borrow(g, words)
+    assert torch.equal(g.view(ity), want.view(ity))
+    assert borrow.touched_words == int((words != -1).sum()) == C.cpu_cleared_words(words)
+    borrow.restore()
+    assert borrow.restored and borrow.touched_words == 0
+    assert torch.equal(g.view(ity), g0.view(ity)) and g._version == v0
+    borrow.restore()  # idempotent
+    assert torch.equal(g.view(ity), g0.view(ity))
+
+
+def test_mask_grad_in_place_touches_only_words_with_a_cleared_bit():
+    """In place, words whose 32 bits are all set are skipped: a NaN-payload sentinel written where
+    the mask keeps everything survives bit for bit, the masked words are written as out-of-place."""
+    from noisyops import _ext
+    C = _ext.cpu()[0]
+    g = torch.randn(32 * 64 + 7)
+    mask = torch.ones(g.shape, dtype=torch.bool)
+    mask[[5, 32 * 10 + 3, g.numel() - 1]] = False
+    words = reference.pack_mask([mask])[0]
+    want = torch.empty_like(g)
+    C.cpu_mask_grad_out(g, words, want)
+    out = g.clone()
+    C.cpu_mask_grad_out(out, words, out)
+    assert torch.equal(out.view(torch.int32), want.view(torch.int32))
+    assert int((words != -1).sum()) == 3
+
+
+@pytest.mark.parametrize("max_cleared", [1.0, 0.0])
+def test_backward_borrowed_gradient_is_restored_and_aliasing_gradient_is_copied(monkeypatch, max_cleared):
+    """The per_call backward borrows a caller's float32 gradient for the out mask when few enough
+    mask words have a cleared bit (``BORROW_MAX_CLEARED``; 1.0: always, 0.0: never here): results
+    equal the reference, the gradient is bit for bit what it was, its version unchanged; a gradient
+    that *is* the saved input (``y.backward(x)`` shapes) is never borrowed (Q_in(x) reads x)."""
+    monkeypatch.setattr(cpu, "BORROW_MAX_CLEARED", max_cleared)
+    borrowed = []
+    real = cpu._out_masked_grads
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        borrowed.append(out[1] is not None)
+        return out
+    monkeypatch.setattr(cpu, "_out_masked_grads", spy)
+    geom = dict(n=2, cin=4, cout=4, hw=(6, 6), k=3, stride=1, padding=1, dilation=1, groups=1)
+    x, w, _ = _conv_case(geom, torch.float32)
+    x = x * 2.0
+    p = _params(CONFIGS["outq_one_tile"], "per_call")
+    inst = _ids("per_call", geom["n"])
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    y_ref, m_ref = reference.conv2d_fwd(x, w, None, *args, p, inst)
+    assert y_ref.shape == x.shape
+    for g in (torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(4)), x):
+        g0, v0 = g.clone(), g._version
+        gx_ref, gw_ref = reference.conv2d_bwd(g0, x.clone(), w, *args, p, inst, m_ref,
+                                              list(y_ref.stride()), True, True)
+        gx, gw = cpu.conv2d_bwd(g, x, w, *args, p, inst, m_ref, list(y_ref.stride()), True, True)
+        assert torch.equal(g.view(torch.int32), g0.view(torch.int32)) and g._version == v0
+        _assert_close(gx, gx_ref, torch.float32, "grad_x")
+        _assert_close(gw, gw_ref, torch.float32, "grad_w")
+    assert borrowed == [max_cleared == 1.0, False]
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_backward_fused_input_mask_matches_reference_and_keeps_grad(channels_last):
     """The backward with the fused re-quantization + packed input mask (need_x and need_w) gives the

@@ -8,16 +8,16 @@ from torch import nn
 
 __all__ = ["build_model", "load_weights", "MODELS"]
 
-MODELS = ("lenet5", "resnet20", "resnet32", "resnet44", "resnet56", "resnet18", "resnet50")
+MODELS = ("lenet5", "lenet_caffe", "resnet20", "resnet32", "resnet44", "resnet56", "resnet18", "resnet50")
 
 
 def build_model(name: str, num_classes: int = 10) -> nn.Module:
-    """``lenet5`` and the CIFAR ResNets from `noisyops.models`; ``resnet18``/``resnet50`` from
+    """``lenet5``, ``lenet_caffe`` and the CIFAR ResNets from `noisyops.models`; ``resnet18``/``resnet50`` from
     torchvision (random init; pass ImageNet weights as ``teacher.checkpoint``)."""
     name = name.lower()
-    if name == "lenet5":
-        from noisyops.models import lenet5
-        return lenet5(num_classes=num_classes)
+    if name in ("lenet5", "lenet_caffe"):
+        import noisyops.models as M
+        return getattr(M, name)(num_classes=num_classes)
     if name in ("resnet20", "resnet32", "resnet44", "resnet56"):
         import noisyops.models as M
         fn = getattr(M, name)

@@ -30,7 +30,7 @@ test images. ``no retraining`` is that clipped fine-tuned 8-bit model without no
 (``results_finetuned.json``); ``results_none.json`` is the teacher converted without fine-tuning.
 Every budget flag given on the command line overrides the preset (ablations: ``--no-adc``,
 ``--student-teacher clean``, ``--no-clean-grad``, ``--T``, ``--alpha``, ``--student-epochs``,
-``--clip-k`` for the noise reference).
+``--clip-k`` for the noise reference, ``--model lenet_caffe`` for a wider network).
 """
 from __future__ import annotations
 
@@ -142,6 +142,9 @@ def main(argv=None):
                     help="clip to ±k·std(W); the noise reference is w_max − w_min = 2k·std(W) (default 2)")
     ap.add_argument("--no-adc", dest="adc", action="store_false", default=None,
                     help="ablation: no output (ADC) quantizer (weights and inputs stay 8-bit)")
+    ap.add_argument("--model", choices=("lenet5", "lenet_caffe"), default="lenet5",
+                    help="ablation: the network (default lenet5, 6-16-120-84; lenet_caffe: Caffe's "
+                         "MNIST LeNet, 20-50-500)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--progress", action="store_true")
@@ -162,7 +165,7 @@ def main(argv=None):
         ap.error("give --method, --prepare-only or --table")
 
     cfg = load_config(None, [
-        f"out_dir={args.out}", "resume=true", f"threads={args.threads}", f"seed={args.seed}",
+        f"out_dir={args.out}", "resume=true", f"model.name={args.model}", f"threads={args.threads}", f"seed={args.seed}",
         f"progress={str(args.progress).lower()}", "ckpt_every=200",
         f"teacher.epochs={args.teacher_epochs}", "teacher.lr=0.05",
         f"finetune.epochs={args.finetune_epochs}", "finetune.lr=0.01", f"finetune.clip_k={args.clip_k}",

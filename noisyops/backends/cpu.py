@@ -478,17 +478,40 @@ def _ste_(grad, ref, lo, hi):
     return grad
 
 
-def _out_masked_grads(g, out_mask, n_tiles: int, owned: bool, passes=None):
-    """The incoming gradient through each tile's output mask (one pass per tile, C++ AVX2).
+# Borrow the caller's gradient for the out mask (mask in place, restore after the product) when at
+# most this fraction of the mask words has a cleared bit; else mask into a workspace. Measured
+# (benchmarks/mask_pass_cpu.py, 16x256x56x56 float32, 2 threads): borrow + restore costs less than
+# the masked copy up to about a fifth of the words touched and several times more when all are.
+BORROW_MAX_CLEARED = 0.2
 
-    One tile: in place when ``g`` is a copy made in this backward (``owned``: nobody else holds it),
-    else into a reused workspace; never a fresh activation-sized allocation.
+
+def _same_storage(a, b) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _out_masked_grads(g, out_mask, n_tiles: int, owned: bool, passes=None, borrowable: bool = True):
+    """``(the incoming gradient through each tile's output mask, borrow or None)`` (C++ AVX2).
+
+    One tile: in place, touching only the mask words with a cleared bit, when ``g`` is a copy made
+    in this backward (``owned``). Else ``g`` is the caller's gradient; with few cleared words
+    (`BORROW_MAX_CLEARED`) it is *borrowed*: the returned ``CpuMaskedBorrow`` kept the overwritten
+    elements and its ``restore()``, which the caller runs once the products have read g, writes
+    them back bit for bit (no version bump; nothing else runs on g in between). With many, or not
+    ``borrowable`` (g shares memory with what the products read): masked into a reused workspace.
+    Several tiles: one masked copy per tile.
     """
     if n_tiles == 1:
-        out = g if owned else _workspace("bwd_g", g, g.dtype)
-        _kernel(passes, "mask_grad_out")(g, out_mask[0].contiguous(), out)
-        return [out]
-    return [_C().cpu_mask_grad(g, out_mask[t].contiguous()) for t in range(n_tiles)]
+        words = out_mask[0].contiguous()
+        if owned:
+            _kernel(passes, "mask_grad_out")(g, words, g)
+            return [g], None
+        if (borrowable and passes is not None
+                and _C().cpu_cleared_words(words) <= BORROW_MAX_CLEARED * words.numel()):
+            return [g], passes.mask_grad_borrow(g, words)
+        out = _workspace("bwd_g", g, g.dtype)
+        _kernel(passes, "mask_grad_out")(g, words, out)
+        return [out], None
+    return [_C().cpu_mask_grad(g, out_mask[t].contiguous()) for t in range(n_tiles)], None
 
 
 def _requantize(xc, p: OpParams, need_x: bool, need_w: bool, passes=None):
@@ -521,10 +544,8 @@ def _input_ste_(grad_x, xc, x_bits, p: OpParams):
 def _backward(layer, plan: CallPlan, grad_y, x, weight, out_mask, y_stride, need_x, need_w):
     if x.dtype not in _SUPPORTED or weight.dtype != x.dtype:
         return NotImplemented
-    C = _C()
     p = plan.p
     cd, fmt = plan.compute_dtype, plan.memory_format
-    batch = x.shape[0]
     xc = _dense(_to(x, cd), fmt)
     g = _dense(_to(grad_y, cd), fmt)
     if p.out_bits and not _same_layout(g.shape, g.stride(), y_stride):
@@ -533,10 +554,38 @@ def _backward(layer, plan: CallPlan, grad_y, x, weight, out_mask, y_stride, need
     tiles = plan.tiles
     # the out mask of g, Q_in(x) (+ its bits) and the per_call Wn: one parallel region
     passes = _new_passes()
+    borrow = None
     if p.out_bits:
-        g_tiles = _out_masked_grads(g, out_mask, len(tiles), owned=g is not grad_y, passes=passes)
+        # a gradient that shares memory with x or the weights (y.backward(x)) is copied, not borrowed
+        borrowable = not any(_same_storage(g, t) for t in (xc, weight))
+        g_tiles, borrow = _out_masked_grads(g, out_mask, len(tiles), owned=g is not grad_y, passes=passes,
+                                            borrowable=borrowable)
     else:
         g_tiles = [g] * len(tiles)
+    try:
+        grad_x, grad_w, wsrc, x_bits = _grads(layer, plan, xc, g_tiles, weight, need_x, need_w, passes)
+    finally:
+        if borrow is not None:
+            borrow.restore()
+    if grad_x is not None:
+        if p.in_bits:
+            grad_x = _input_ste_(grad_x, xc, x_bits, p)
+        grad_x = _to(grad_x, x.dtype)
+    if grad_w is not None:
+        if p.w_clip:
+            grad_w = _ste_(grad_w, wsrc.source(), wsrc.lo, wsrc.hi)
+        grad_w = _to(grad_w, weight.dtype)
+    return grad_x, grad_w
+
+
+def _grads(layer, plan: CallPlan, xc, g_tiles, weight, need_x, need_w, passes):
+    """``(grad_x, grad_w, weight source, x's packed in-range bits)`` before the straight-through
+    masks of the input and weight clips: runs ``passes`` (with ``Q_in(x)`` and ``Wn`` added) and the
+    ATen products of every tile."""
+    p = plan.p
+    cd = plan.compute_dtype
+    batch = xc.shape[0]
+    tiles = plan.tiles
     xq, x_bits = _requantize(xc, p, need_x, need_w, passes)
     wsrc = _Weights.of(weight, plan, cd, noise=not p.clean_grad_input)
     grad_x = grad_w = None
@@ -572,15 +621,7 @@ def _backward(layer, plan: CallPlan, grad_y, x, weight, out_mask, y_stride, need
                 _, gw_t = layer.bwd(g_t, layer.x_tile(xq, c0, c1),
                                     layer.w_tile(torch.empty(layer.wshape, dtype=cd), c0, c1), False, True)
                 layer.w_tile(grad_w, c0, c1).copy_(gw_t)
-    if grad_x is not None:
-        if p.in_bits:
-            grad_x = _input_ste_(grad_x, xc, x_bits, p)
-        grad_x = _to(grad_x, x.dtype)
-    if grad_w is not None:
-        if p.w_clip:
-            grad_w = _ste_(grad_w, wsrc.source(), wsrc.lo, wsrc.hi)
-        grad_w = _to(grad_w, weight.dtype)
-    return grad_x, grad_w
+    return grad_x, grad_w, wsrc, x_bits
 
 
 def _grad_input_grouped(layer, g, xt, wsrc: _Weights, p, ids, tile):
