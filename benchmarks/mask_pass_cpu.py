@@ -8,7 +8,8 @@ Part 1 (always): one float32 gradient ``g`` and random packed masks whose words 
 given probability; medians of ``--repeats`` interleaved calls, ms, of
 
 * ``masked copy``   ``cpu_mask_grad_out(g, words, ws)``: g into a workspace (the dense pass),
-* ``in place``      ``cpu_mask_grad_out(w, words, w)``: skips the all-ones words,
+* ``in place``      ``cpu_mask_grad_out(w, words, w)``: the dense pass in place,
+* ``in place, sparse`` ``cpu_mask_grad_out(w, words, w, True)``: skips the all-ones words,
 * ``borrow+restore`` ``cpu_mask_grad_borrow(g, words)`` then ``restore()`` (the caller's gradient
   masked in place, then given back), with ``torch.Tensor.copy_`` of g as the bandwidth reference.
 
@@ -16,7 +17,7 @@ Part 2 (``--steps``): the cleared fraction of the out masks and the input masks 
 of the noisy ResNet-50 of `resnet50_cpu.py` (random init, calibrated in eval mode, step in train
 mode) at batch 8, and of the pretrained CIFAR-10 ResNet-32 of ``../shared/weights`` (calibrated on
 128 CIFAR-10 test images in eval mode, a train-mode step on the next 128; ``NOISYOPS_DATA`` names
-the data folder). `noisyops.backends.cpu.BORROW_MAX_CLEARED` is chosen from part 1; docs/benchmarks_cpu.md
+the data folder). `noisyops.backends.cpu.SPARSE_MAX_CLEARED` is chosen from part 1; docs/benchmarks_cpu.md
 quotes both parts.
 """
 import argparse
@@ -31,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from noisyops import _ext, reference  # noqa: E402
 
-FRACTIONS = (0.0, 0.03, 0.1, 0.2, 0.35, 1.0)
+FRACTIONS = (0.0, 0.03, 0.06, 0.1, 0.15, 0.2, 0.35, 1.0)
 
 
 def _median_ms(fns, repeats):
@@ -64,8 +65,12 @@ def kernels(shape, repeats):
         def in_place():
             C.cpu_mask_grad_out(w, words, w)
 
+        def in_place_sparse():
+            C.cpu_mask_grad_out(w, words, w, True)
+
         ms = _median_ms({"copy_": lambda: ws.copy_(g), "masked copy": lambda: C.cpu_mask_grad_out(g, words, ws),
-                         "in place": in_place, "borrow+restore": borrow}, repeats)
+                         "in place": in_place, "in place, sparse": in_place_sparse,
+                         "borrow+restore": borrow}, repeats)
         rows.append(dict(cleared=C.cpu_cleared_words(words) / words.numel(), **ms))
         print(f"cleared {rows[-1]['cleared']:.3f}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()),
               flush=True)

@@ -48,12 +48,13 @@ def _median_s(f, repeats, warmup=1):
 
 def activation_bytes(model, batch):
     tot = {"in": 0, "out": 0}
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
-            hooks.append(m.register_forward_hook(
-                lambda mod, i, o: (tot.__setitem__("in", tot["in"] + i[0].numel() * 4),
-                                   tot.__setitem__("out", tot["out"] + o.numel() * 4))))
+
+    def count(mod, inputs, output):  # returns None: the output is left alone
+        tot["in"] += inputs[0].numel() * 4
+        tot["out"] += output.numel() * 4
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     with torch.no_grad():
         model(torch.randn(batch, 3, 224, 224))
     for h in hooks:

@@ -40,7 +40,7 @@ def _c(BM, BN, BK, w, s, maxnreg=None):
 #   GEMM_RNG   regenerated weights together with an epilogue / out-mask gate
 #   GEMM_SMALL fp32 operands, the linear's column-grouped output-noise epilogue: the small tiles
 #   WGRAD / WGRAD_Q  weight-grad GEMM (out-channels x in-channels, reduction over rows, split-K with
-#              fp32 atomics) without / with the input quantizer or out-mask gate
+#              fp32 atomics) without / with the input quantizer or out-mask gate; WGRAD_SMALL: fp32
 # Largest tiles first; `pruned` drops the ones wider than the problem.
 GEMM: Dict[int, List[dict]] = {
     80: [_c(128, 128, 32, 8, 3), _c(128, 64, 32, 4, 3), _c(64, 128, 32, 4, 3)],
@@ -72,18 +72,26 @@ GEMM_RNG: Dict[int, List[dict]] = {
     90: [_c(64, 128, 32, 8, 3)] + _SMALL[90],
 }
 GEMM_SMALL: Dict[int, List[dict]] = {80: list(_SMALL[80]), 90: list(_SMALL[90])}
+# Weight grads: the weight clip's STE is applied on the host (kernels/noisy_conv2d_backward.py);
+# with it in the epilogue (a BM x BN tile of W next to the accumulator) 128x128x32 / 8 warps spilled
+# 280 B (conv, sm_90) and the crossbar-tile launches had to stay at 32x32 (compile runs, docs/triton.md)
 WGRAD: Dict[int, List[dict]] = {
-    # 128x128x32 / 8 warps spills in the linear's weight grad (104 B sm_80) and the conv's (280 B
-    # sm_90); 64x128x32 / 4 warps spills 200 B in the linear's on sm_90; on sm_80 ptxas caps
-    # 128x64x32 / 8 warps at 128 registers and spills 8 B unless maxnreg lifts it (compile runs)
-    80: [_c(128, 64, 32, 8, 3, 255), _c(64, 64, 32, 4, 3)],
-    90: [_c(128, 64, 32, 8, 3), _c(64, 64, 32, 4, 3)],
+    80: [_c(128, 128, 32, 8, 3), _c(128, 64, 32, 8, 3, 255), _c(64, 64, 32, 4, 3)],
+    90: [_c(128, 128, 32, 8, 3), _c(128, 64, 32, 8, 3), _c(64, 64, 32, 4, 3)],
 }
+# with the input quantizer / out-mask gate: 128x128x32 / 8 warps spills in the linear's (fc: 136 B
+# sm_90, 408 B sm_80), 64x128x32 / 8 warps fits every shape of the report on both archs
 WGRAD_Q: Dict[int, List[dict]] = {
+    80: [_c(64, 128, 32, 8, 3), _c(32, 32, 32, 4, 2)],
+    90: [_c(64, 128, 32, 8, 3), _c(32, 32, 16, 4, 3, 255)],
+}
+# fp32 operands (tf32 products): the small tiles
+WGRAD_SMALL: Dict[int, List[dict]] = {
     80: [_c(32, 32, 32, 4, 2)],
     90: [_c(32, 32, 16, 4, 3, 255)],
 }
-FAMILIES = ("GEMM", "GEMM_REGEN", "GEMM_OMASK", "GEMM_EPI", "GEMM_RNG", "GEMM_SMALL", "WGRAD", "WGRAD_Q")
+FAMILIES = ("GEMM", "GEMM_REGEN", "GEMM_OMASK", "GEMM_EPI", "GEMM_RNG", "GEMM_SMALL", "WGRAD", "WGRAD_Q",
+            "WGRAD_SMALL")
 
 
 def family(kind: str, consts: dict, elem_bytes: int = 2) -> str:
@@ -93,7 +101,9 @@ def family(kind: str, consts: dict, elem_bytes: int = 2) -> str:
     spill with them (compile runs: 552 B at 128x128x64 on sm_90, 380 B at 64x128x32 on sm_80), so
     fp32 launches take the small families."""
     if kind == "WGRAD":
-        return "WGRAD_Q" if consts.get("IN_Q") or consts.get("HAS_OMASK") or elem_bytes > 2 else "WGRAD"
+        if elem_bytes > 2:
+            return "WGRAD_SMALL"
+        return "WGRAD_Q" if consts.get("IN_Q") or consts.get("HAS_OMASK") else "WGRAD"
     # fp32 operands, and the linear's column-grouped output noise (spills 48-892 B at 64x128 and
     # 108-620 B at 64x64): the small tiles
     if elem_bytes > 2 or (consts.get("NOISE4") == 2 and consts.get("OUT_NOISE")):

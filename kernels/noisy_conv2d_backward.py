@@ -15,7 +15,9 @@ Weight gradient (rows of the GEMM = output channels, columns = ``(r, s, ci)``, r
 output positions, split over row chunks accumulated with fp32 ``tl.atomic_add``):
 
     gw[co, ci, r, s] = Σ_t Σ_{n,oh,ow} (g ⊙ M_t)[n, oh, ow, co] · Q_in(x)[n, ih, iw, ci] · [ci ∈ t]
-    gw ⊙= [w_lo <= W <= w_hi]     (weight clip STE, only with a clip range)
+    gw ⊙= [w_lo <= W <= w_hi]     (weight clip STE, only with a clip range: on the host, in the
+                                   fp32 result, not in the kernel's epilogue — a BM x BN tile of W
+                                   next to the accumulator is what spilled at 128x128)
 
 Noise is straight-through for the weight gradient, so gw does not depend on the instance.
 """
@@ -138,13 +140,13 @@ def _conv_bwd_x_kernel(
 
 @triton.jit
 def _conv_bwd_w_kernel(
-        g_ptr, x_ptr, w_ptr, gw_ptr, mask_ptr,
+        g_ptr, x_ptr, gw_ptr, mask_ptr,
         H, W, OH, OW, Cg, Cout_g, KH, KW,
         sgn, sgh, sgw, sgc, syn, syh, syw, syc, sxn, sxh, sxw, sxc,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         per_tile, mask_words, rows_total, rows_per_split, n_split,
-        in_lo, in_hi, in_delta, w_lo, w_hi,
-        IN_Q: tl.constexpr, W_CLIP: tl.constexpr, HAS_OMASK: tl.constexpr,
+        in_lo, in_hi, in_delta,
+        IN_Q: tl.constexpr, HAS_OMASK: tl.constexpr,
         DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Grid ``(cdiv(Cout_g, BM), KH·KW·cdiv(Cg, BN), groups·n_split)``; accumulates into an
     fp32 ``gw`` (zeroed) with atomics; see the module docstring."""
@@ -208,9 +210,6 @@ def _conv_bwd_w_kernel(
     KK = KH * KW
     e = co[:, None] * (Cg * KK) + (ci * KK + r * KW + s)[None, :]
     ok = co_ok[:, None] & col_ok[None, :]
-    if W_CLIP:
-        wv = tl.load(w_ptr + e, mask=ok, other=0.0).to(tl.float32)
-        acc = tl.where(in_range(wv, w_lo, w_hi), acc, 0.0)
     tl.atomic_add(gw_ptr + e, acc, mask=ok)
 
 
@@ -267,16 +266,19 @@ def gemm_grad_weight(g4, gs, x4, xs, weight, geo: Geometry, ys, p, out_mask) -> 
     rows = geo.rows
     n_split = split_rows(rows, geo.groups, device)
     per_split = triton.cdiv(rows, n_split)
-    args = (g4, x4, w, gw, out_mask if p.out_bits else g4,
+    args = (g4, x4, gw, out_mask if p.out_bits else g4,
             geo.H, geo.W, geo.OH, geo.OW, Cg, geo.Cout_g, geo.KH, geo.KW,
             *gs, *ys, *xs, *geo.stride, *geo.padding, *geo.dilation,
-            per_tile, words, rows, per_split, n_split, ilo, ihi, idelta, wa.lo, wa.hi)
-    consts = dict(IN_Q=p.in_bits > 0, W_CLIP=wa.clip, HAS_OMASK=p.out_bits > 0,
-                  DOT_PREC=dot_precision(x4.dtype))
+            per_tile, words, rows, per_split, n_split, ilo, ihi, idelta)
+    consts = dict(IN_Q=p.in_bits > 0, HAS_OMASK=p.out_bits > 0, DOT_PREC=dot_precision(x4.dtype))
     grid = lambda m: (triton.cdiv(geo.Cout_g, m["BM"]), KK * triton.cdiv(Cg, m["BN"]),  # noqa: E731
                       geo.groups * n_split)
     launch_gemm("conv_bwd_w", _conv_bwd_w_kernel, grid, args, consts, device, kind="WGRAD",
                 reset_to_zero=["gw_ptr"], elem_bytes=x4.element_size())
+    if wa.clip:  # the weight clip's STE, as the kernel did it: fp32 W against the fp32 range
+        wf = w.float()
+        gw = torch.where((wf >= float(torch.tensor(wa.lo, dtype=torch.float32)))
+                         & (wf <= float(torch.tensor(wa.hi, dtype=torch.float32))), gw, 0.0)
     return gw.to(weight.dtype)
 
 

@@ -210,9 +210,9 @@ def test_mask_grad_borrow_masks_then_restores_bit_exact(dtype, numel, p_clear, r
     assert torch.equal(g.view(ity), g0.view(ity))
 
 
-def test_mask_grad_in_place_touches_only_words_with_a_cleared_bit():
-    """In place, words whose 32 bits are all set are skipped: a NaN-payload sentinel written where
-    the mask keeps everything survives bit for bit, the masked words are written as out-of-place."""
+def test_mask_grad_in_place_sparse_equals_dense():
+    """In place with ``sparse=True`` (words whose 32 bits are all set skipped) and without, the
+    result is the out-of-place one bit for bit, a partial last word included."""
     from noisyops import _ext
     C = _ext.cpu()[0]
     g = torch.randn(32 * 64 + 7)
@@ -221,19 +221,20 @@ def test_mask_grad_in_place_touches_only_words_with_a_cleared_bit():
     words = reference.pack_mask([mask])[0]
     want = torch.empty_like(g)
     C.cpu_mask_grad_out(g, words, want)
-    out = g.clone()
-    C.cpu_mask_grad_out(out, words, out)
-    assert torch.equal(out.view(torch.int32), want.view(torch.int32))
-    assert int((words != -1).sum()) == 3
+    for sparse in (True, False):
+        out = g.clone()
+        C.cpu_mask_grad_out(out, words, out, sparse)
+        assert torch.equal(out.view(torch.int32), want.view(torch.int32))
+    assert int((words != -1).sum()) == 3 == C.cpu_cleared_words(words)
 
 
 @pytest.mark.parametrize("max_cleared", [1.0, 0.0])
 def test_backward_borrowed_gradient_is_restored_and_aliasing_gradient_is_copied(monkeypatch, max_cleared):
     """The per_call backward borrows a caller's float32 gradient for the out mask when few enough
-    mask words have a cleared bit (``BORROW_MAX_CLEARED``; 1.0: always, 0.0: never here): results
+    mask words have a cleared bit (``SPARSE_MAX_CLEARED``; 1.0: always, 0.0: never here): results
     equal the reference, the gradient is bit for bit what it was, its version unchanged; a gradient
     that *is* the saved input (``y.backward(x)`` shapes) is never borrowed (Q_in(x) reads x)."""
-    monkeypatch.setattr(cpu, "BORROW_MAX_CLEARED", max_cleared)
+    monkeypatch.setattr(cpu, "SPARSE_MAX_CLEARED", max_cleared)
     borrowed = []
     real = cpu._out_masked_grads
 

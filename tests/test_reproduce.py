@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from train import reproduce_cifar as RC
 from train import reproduce_mnist as RM
@@ -45,3 +46,40 @@ def test_mnist_paper_preset_and_table(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| η=0.05 | η=0.1 | η=0.15 | η=0.2 | η=0.25 | η=0.3 |" in text
     assert "| noise injection + distillation | not run | not run | not run | 99.00 ± 0.10 |" in text
+
+
+def test_mnist_model_flag_reaches_the_run_config(tmp_path, monkeypatch):
+    """``--model lenet_caffe`` is the network the pipeline builds (the config it is handed)."""
+    import train.pipeline as pipeline
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_prepare(cfg):
+        seen.update(cfg)
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "prepare", fake_prepare)
+    for name in ("lenet_caffe", "lenet5"):
+        with pytest.raises(Stop):
+            RM.main(["--paper", "--prepare-only", "--out", str(tmp_path), "--model", name])
+        assert seen["model"]["name"] == name
+    with pytest.raises(SystemExit):
+        RM.main(["--paper", "--prepare-only", "--out", str(tmp_path), "--model", "lenet7"])
+
+
+def test_lenet_caffe_shapes_and_conversion():
+    """Caffe's MNIST LeNet: 28x28 -> 10 logits, 2 convs + 2 linears (all converted), 431,080 weights
+    + biases; build_model knows it; a bad num_classes names the argument."""
+    import noisyops
+    from noisyops import LayerConfig, models
+    from train.models import build_model
+    net = models.lenet_caffe()
+    assert net(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    assert sum(p.numel() for p in net.parameters()) == 431080
+    noisy = noisyops.convert(net, LayerConfig(eta=0.1))
+    assert len(list(noisyops.noisy_layers(noisy))) == 4
+    assert isinstance(build_model("lenet_caffe"), models.CaffeLeNet)
+    with pytest.raises(ValueError, match="num_classes"):
+        models.lenet_caffe(num_classes=0)

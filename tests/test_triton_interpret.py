@@ -436,7 +436,8 @@ def test_calls_past_int32_offsets_are_declined():
 def test_fp32_operands_take_the_small_families():
     from noisyops.kernels import configs
     assert configs.family("GEMM", dict(W_PRE=True), elem_bytes=4) == "GEMM_SMALL"
-    assert configs.family("WGRAD", dict(), elem_bytes=4) == "WGRAD_Q"
+    assert configs.family("WGRAD", dict(), elem_bytes=4) == "WGRAD_SMALL"
+    assert configs.family("WGRAD", dict(HAS_OMASK=True), elem_bytes=4) == "WGRAD_SMALL"
     assert configs.family("WGRAD", dict(), elem_bytes=2) == "WGRAD"
 
 

@@ -76,6 +76,12 @@ inline __m256 quant8(__m256 v, __m256 lo, __m256 hi, __m256 delta) {
   const __m256 is_inf = _mm256_cmp_ps(abs_v, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ);
   return _mm256_blendv_ps(_mm256_add_ps(lo, _mm256_mul_ps(r, delta)), v, is_inf);
 }
+// clamp(v, lo, hi) of 8 floats, ±Inf passed through (as the weight clip's scalar code), NaN stays NaN.
+inline __m256 clamp8(__m256 v, __m256 lo, __m256 hi) {
+  const __m256 c = _mm256_min_ps(hi, _mm256_max_ps(lo, v));
+  const __m256 abs_v = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
+  return _mm256_blendv_ps(c, v, _mm256_cmp_ps(abs_v, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
+}
 // 8 mask bits: lo <= v <= hi (false for NaN).
 inline uint32_t inrange8(__m256 v, __m256 lo, __m256 hi) {
   const __m256 m = _mm256_and_ps(_mm256_cmp_ps(v, lo, _CMP_GE_OQ), _mm256_cmp_ps(v, hi, _CMP_LE_OQ));
@@ -174,7 +180,21 @@ void noisy_weights_impl(const T* w, T* out, int64_t numel, const std::vector<int
       if (mul) normals_range(Stream(seed, layer_key, kPurposeMul, inst), e0, n, em);
       const T* src = w + e0;
       T* dst = out + k * numel + e0;
-      for (int64_t i = 0; i < n; ++i) {
+      int64_t i = 0;
+#if defined(NOISYOPS_CPU_AVX2)
+      if constexpr (std::is_same_v<T, float>) {  // the scalar loop's operations, 8 lanes at a time
+        const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi), vd = _mm256_set1_ps(q.delta);
+        const __m256 one = _mm256_set1_ps(1.0f), vem = _mm256_set1_ps(eta_mul), vs = _mm256_set1_ps(sigma);
+        for (; i + 8 <= n; i += 8) {
+          __m256 v = _mm256_loadu_ps(src + i);
+          if (clip) v = q.on ? quant8(v, vlo, vhi, vd) : clamp8(v, vlo, vhi);
+          if (mul) v = _mm256_mul_ps(v, _mm256_add_ps(one, _mm256_mul_ps(vem, _mm256_load_ps(em + i))));
+          if (add) v = _mm256_add_ps(v, _mm256_mul_ps(vs, _mm256_load_ps(ea + i)));
+          _mm256_storeu_ps(dst + i, v);
+        }
+      }
+#endif
+      for (; i < n; ++i) {
         T v = src[i];
         if (clip && !std::isinf(v)) {  // ±Inf (and NaN) pass through the clip and the quantizer
           v = v < lo ? lo : (v > hi ? hi : v);
@@ -480,19 +500,22 @@ void out_quant_(torch::Tensor part, torch::Tensor acc, torch::Tensor words, doub
 // ---- backward: gradient through one tile's output mask ------------------------------------------
 // out[i] = bit i of words ? g[i] : 0, i in storage order (g dense, float or double).
 // Masked lanes get +0 (AND with the bit mask in AVX2: the same value as the scalar T(0)).
-// In place (out == g) only the words with a cleared bit are touched: with calibrated ranges a few
-// per cent of them (0.1 / 99.9 percentiles), so the pass costs reading the words, not g.
+// In place (out == g) and `sparse`, only the words with a cleared bit are touched: the pass then
+// costs reading the words and those lines of g, which wins while few words have a cleared bit
+// (a pretrained CIFAR ResNet-32: 3-6%) and loses to the dense pass, which the hardware prefetches,
+// beyond about a sixth (benchmarks/mask_pass_cpu.py); the caller decides from `cleared_words`.
 constexpr uint32_t kAllOnes = 0xFFFFFFFFu;
 template <typename T>
-void mask_grad_impl(const T* g, T* out, const int32_t* words, int64_t numel, Passes* rec = nullptr) {
+void mask_grad_impl(const T* g, T* out, const int32_t* words, int64_t numel, bool sparse,
+                    Passes* rec = nullptr) {
   const int64_t nwords = (numel + 31) / 32;
-  const bool in_place = g == out;
+  const bool skip = sparse && g == out;
   for_items(rec, nwords, 512, [=](int64_t begin, int64_t end) {
     for (int64_t wd = begin; wd < end; ++wd) {
       const int64_t i0 = wd * 32;
       const int64_t n = std::min<int64_t>(32, numel - i0);
       const uint32_t bw = static_cast<uint32_t>(words[wd]);
-      if (in_place && bw == kAllOnes) continue;  // nothing masked: nothing to write
+      if (skip && bw == kAllOnes) continue;  // nothing masked: nothing to write
       for (int64_t j = 0; j < n; ++j) out[i0 + j] = ((bw >> j) & 1u) ? g[i0 + j] : T(0);
     }
   });
@@ -507,15 +530,16 @@ inline __m256 bits8_to_mask(uint32_t byte) {
 }
 
 template <>
-void mask_grad_impl<float>(const float* g, float* out, const int32_t* words, int64_t numel, Passes* rec) {
+void mask_grad_impl<float>(const float* g, float* out, const int32_t* words, int64_t numel, bool sparse,
+                           Passes* rec) {
   const int64_t nwords = (numel + 31) / 32;
   const int64_t full = numel / 32;
-  const bool in_place = g == out;
+  const bool skip = sparse && g == out;
   for_items(rec, nwords, 256, [=](int64_t begin, int64_t end) {
     for (int64_t wd = begin; wd < end; ++wd) {
       const int64_t i0 = wd * 32;
       const uint32_t bw = static_cast<uint32_t>(words[wd]);
-      if (in_place && bw == kAllOnes) continue;  // nothing masked: nothing to read or write
+      if (skip && bw == kAllOnes) continue;  // nothing masked: nothing to read or write
       if (wd < full) {
         for (int j = 0; j < 4; ++j) {
           const __m256 m = bits8_to_mask((bw >> (8 * j)) & 0xFFu);
@@ -530,7 +554,8 @@ void mask_grad_impl<float>(const float* g, float* out, const int32_t* words, int
 #endif
 
 // out may be g itself (in place).
-void mask_grad_out(torch::Tensor g, torch::Tensor words, torch::Tensor out, Passes* rec = nullptr) {
+void mask_grad_out(torch::Tensor g, torch::Tensor words, torch::Tensor out, bool sparse = false,
+                   Passes* rec = nullptr) {
   check_dense(g, "g");
   check_dense(out, "out");
   TORCH_CHECK(same_layout(out, g) && out.scalar_type() == g.scalar_type(), "mask_grad_out: out must be like g");
@@ -539,10 +564,10 @@ void mask_grad_out(torch::Tensor g, torch::Tensor words, torch::Tensor out, Pass
               "mask_grad: words must be int32 contiguous [", (g.numel() + 31) / 32, "]");
   if (g.scalar_type() == torch::kFloat) {
     mask_grad_impl<float>(g.data_ptr<float>(), out.data_ptr<float>(), words.data_ptr<int32_t>(), g.numel(),
-                          rec);
+                          sparse, rec);
   } else if (g.scalar_type() == torch::kDouble) {
     mask_grad_impl<double>(g.data_ptr<double>(), out.data_ptr<double>(), words.data_ptr<int32_t>(),
-                           g.numel(), rec);
+                           g.numel(), sparse, rec);
   } else {
     TORCH_CHECK(false, "mask_grad: g must be float32 or float64, got ", g.scalar_type());
   }
@@ -815,11 +840,11 @@ void register_cpu_kernels(pybind11::module_& m) {
            },
            "record cpu_quantize_mask_out", "x"_a, "out"_a, "words"_a, "lo"_a, "hi"_a, "bits"_a)
       .def("mask_grad_out",
-           [](Passes& ps, torch::Tensor g, torch::Tensor words, torch::Tensor out) {
-             cpu::mask_grad_out(g, words, out, &ps);
+           [](Passes& ps, torch::Tensor g, torch::Tensor words, torch::Tensor out, bool sparse) {
+             cpu::mask_grad_out(g, words, out, sparse, &ps);
              ps.keep.insert(ps.keep.end(), {g, words, out});
            },
-           "record cpu_mask_grad_out", "g"_a, "words"_a, "out"_a)
+           "record cpu_mask_grad_out", "g"_a, "words"_a, "out"_a, "sparse"_a = false)
       .def("mask_grad_borrow",
            [](Passes& ps, torch::Tensor g, torch::Tensor words) {
              auto b = cpu::mask_grad_borrow(g, words, &ps);
@@ -867,9 +892,12 @@ void register_cpu_kernels(pybind11::module_& m) {
   m.def("cpu_mask_grad", &cpu::mask_grad, "g where the packed mask bit is set, else 0 (new tensor)",
         "g"_a, "words"_a);
   m.def("cpu_mask_grad_out",
-        [](torch::Tensor g, torch::Tensor words, torch::Tensor out) { cpu::mask_grad_out(g, words, out); },
-        "out = g where the packed mask bit is set, else 0 (out may be g: in place)",
-        "g"_a, "words"_a, "out"_a);
+        [](torch::Tensor g, torch::Tensor words, torch::Tensor out, bool sparse) {
+          cpu::mask_grad_out(g, words, out, sparse);
+        },
+        "out = g where the packed mask bit is set, else 0 (out may be g: in place; sparse=True then "
+        "skips the all-ones words, worth it when few words have a cleared bit)",
+        "g"_a, "words"_a, "out"_a, "sparse"_a = false);
   m.def("cpu_quantize_mask_out",
         [](torch::Tensor x, torch::Tensor out, torch::Tensor words, double lo, double hi, int64_t bits) {
           cpu::quantize_mask_out(x, out, words, lo, hi, bits);

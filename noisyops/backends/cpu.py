@@ -478,11 +478,18 @@ def _ste_(grad, ref, lo, hi):
     return grad
 
 
-# Borrow the caller's gradient for the out mask (mask in place, restore after the product) when at
-# most this fraction of the mask words has a cleared bit; else mask into a workspace. Measured
-# (benchmarks/mask_pass_cpu.py, 16x256x56x56 float32, 2 threads): borrow + restore costs less than
-# the masked copy up to about a fifth of the words touched and several times more when all are.
-BORROW_MAX_CLEARED = 0.2
+# The mask passes of the backward touch only the mask words with a cleared bit (in place, and the
+# caller's gradient borrowed: masked in place, restored after the product) when at most this
+# fraction of the words has one; else the dense passes. Measured (`python
+# benchmarks/mask_pass_cpu.py`, 16x256x56x56 float32, 2 threads, docs/benchmarks_cpu.md): the
+# sparse in-place pass beats the dense one up to about a sixth of the words cleared, borrow +
+# restore beats the masked copy up to about a seventh; a pretrained CIFAR ResNet-32 clears 3-6%.
+SPARSE_MAX_CLEARED = 0.12
+
+
+def _sparse(words) -> bool:
+    """Whether few enough words of ``words`` have a cleared bit for the sparse passes."""
+    return _C().cpu_cleared_words(words) <= SPARSE_MAX_CLEARED * words.numel()
 
 
 def _same_storage(a, b) -> bool:
@@ -492,9 +499,9 @@ def _same_storage(a, b) -> bool:
 def _out_masked_grads(g, out_mask, n_tiles: int, owned: bool, passes=None, borrowable: bool = True):
     """``(the incoming gradient through each tile's output mask, borrow or None)`` (C++ AVX2).
 
-    One tile: in place, touching only the mask words with a cleared bit, when ``g`` is a copy made
-    in this backward (``owned``). Else ``g`` is the caller's gradient; with few cleared words
-    (`BORROW_MAX_CLEARED`) it is *borrowed*: the returned ``CpuMaskedBorrow`` kept the overwritten
+    One tile: in place when ``g`` is a copy made in this backward (``owned``), touching only the
+    mask words with a cleared bit when they are few (`SPARSE_MAX_CLEARED`). Else ``g`` is the
+    caller's gradient; with few cleared words it is *borrowed*: the returned ``CpuMaskedBorrow`` kept the overwritten
     elements and its ``restore()``, which the caller runs once the products have read g, writes
     them back bit for bit (no version bump; nothing else runs on g in between). With many, or not
     ``borrowable`` (g shares memory with what the products read): masked into a reused workspace.
@@ -502,11 +509,11 @@ def _out_masked_grads(g, out_mask, n_tiles: int, owned: bool, passes=None, borro
     """
     if n_tiles == 1:
         words = out_mask[0].contiguous()
+        sparse = _sparse(words)
         if owned:
-            _kernel(passes, "mask_grad_out")(g, words, g)
+            _kernel(passes, "mask_grad_out")(g, words, g, sparse)
             return [g], None
-        if (borrowable and passes is not None
-                and _C().cpu_cleared_words(words) <= BORROW_MAX_CLEARED * words.numel()):
+        if borrowable and sparse and passes is not None:
             return [g], passes.mask_grad_borrow(g, words)
         out = _workspace("bwd_g", g, g.dtype)
         _kernel(passes, "mask_grad_out")(g, words, out)
@@ -536,7 +543,7 @@ def _input_ste_(grad_x, xc, x_bits, p: OpParams):
     """The input quantizer's straight-through mask on ``grad_x`` (owned by this backward), in place:
     from the bits packed by `_requantize` when grad_x has xc's storage order, else from xc."""
     if x_bits is not None and _is_dense(grad_x) and _same_layout(grad_x.shape, grad_x.stride(), xc.stride()):
-        _C().cpu_mask_grad_out(grad_x, x_bits, grad_x)
+        _C().cpu_mask_grad_out(grad_x, x_bits, grad_x, _sparse(x_bits))
         return grad_x
     return _ste_(grad_x, xc, p.in_lo, p.in_hi)
 
