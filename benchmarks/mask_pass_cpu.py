@@ -23,29 +23,21 @@ quotes both parts.
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from noisyops import _ext, reference  # noqa: E402
+from resnet50_cpu import interleaved, med  # noqa: E402
 
 FRACTIONS = (0.0, 0.03, 0.06, 0.1, 0.15, 0.2, 0.35, 1.0)
 
 
 def _median_ms(fns, repeats):
     """Interleaved medians (ms) of the callables in ``fns`` (a dict), one warm-up call each."""
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f()
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    return {k: 1e3 * med(v) for k, v in interleaved(fns, repeats).items()}
 
 
 def kernels(shape, repeats):
@@ -143,7 +135,6 @@ def main(argv=None):
           f"load {os.getloadavg()[0]:.2f}", flush=True)
     res = {"shape": args.shape, "threads": args.threads, "kernels": kernels(args.shape, args.repeats)}
     if args.steps:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         res["resnet50_step"] = step_fractions(8)
         res["resnet32_cifar_step"] = trained_fractions(128)
     if args.json:

@@ -24,26 +24,20 @@ measured parts, not a measurement of the noisy model (`resnet50_cpu.py` is that)
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torchvision
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from noisyops import _ext  # noqa: E402
+from resnet50_cpu import interleaved, med  # noqa: E402
 
 
-def _median_s(f, repeats, warmup=1):
-    for _ in range(warmup):
-        f()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+def _median_s(f, repeats):
+    """Median seconds of ``repeats`` calls of ``f`` after one warm-up call."""
+    return med(interleaved({"f": f}, repeats)["f"])
 
 
 def activation_bytes(model, batch):

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from noisyops.reference import memory_format_of
+from noisyops.reference import in_range_mask, memory_format_of
 
 from . import configs
 from .noisy_conv2d import (GROUP_M, Geometry, dot_precision, grouped_tile, launch_gemm, nhwc_strides,
@@ -275,10 +275,8 @@ def gemm_grad_weight(g4, gs, x4, xs, weight, geo: Geometry, ys, p, out_mask) -> 
                       geo.groups * n_split)
     launch_gemm("conv_bwd_w", _conv_bwd_w_kernel, grid, args, consts, device, kind="WGRAD",
                 reset_to_zero=["gw_ptr"], elem_bytes=x4.element_size())
-    if wa.clip:  # the weight clip's STE, as the kernel did it: fp32 W against the fp32 range
-        wf = w.float()
-        gw = torch.where((wf >= float(torch.tensor(wa.lo, dtype=torch.float32)))
-                         & (wf <= float(torch.tensor(wa.hi, dtype=torch.float32))), gw, 0.0)
+    if wa.clip:  # the weight clip's STE: fp32 W against the fp32 range, as the kernel compared them
+        gw = torch.where(in_range_mask(w.float(), wa.lo, wa.hi), gw, 0.0)
     return gw.to(weight.dtype)
 
 

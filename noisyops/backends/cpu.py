@@ -501,9 +501,9 @@ def _out_masked_grads(g, out_mask, n_tiles: int, owned: bool, passes=None, borro
 
     One tile: in place when ``g`` is a copy made in this backward (``owned``), touching only the
     mask words with a cleared bit when they are few (`SPARSE_MAX_CLEARED`). Else ``g`` is the
-    caller's gradient; with few cleared words it is *borrowed*: the returned ``CpuMaskedBorrow`` kept the overwritten
-    elements and its ``restore()``, which the caller runs once the products have read g, writes
-    them back bit for bit (no version bump; nothing else runs on g in between). With many, or not
+    caller's gradient; with few cleared words it is *borrowed*: the returned ``CpuMaskedBorrow``
+    kept the overwritten elements and its ``restore()``, which the caller runs once the products
+    have read g, writes them back bit for bit (no version bump; nothing else runs on g in between). With many, or not
     ``borrowable`` (g shares memory with what the products read): masked into a reused workspace.
     Several tiles: one masked copy per tile.
     """

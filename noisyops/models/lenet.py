@@ -30,10 +30,14 @@ class LeNet5(nn.Module):
         return self.fc3(x)
 
 
-def lenet5(num_classes: int = 10, in_channels: int = 1) -> LeNet5:
-    """A freshly initialised `LeNet5`."""
+def _check_num_classes(num_classes) -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r}: expected an int >= 1")
+
+
+def lenet5(num_classes: int = 10, in_channels: int = 1) -> LeNet5:
+    """A freshly initialised `LeNet5`."""
+    _check_num_classes(num_classes)
     return LeNet5(num_classes, in_channels)
 
 
@@ -65,6 +69,5 @@ class CaffeLeNet(nn.Module):
 
 def lenet_caffe(num_classes: int = 10, in_channels: int = 1) -> CaffeLeNet:
     """A freshly initialised `CaffeLeNet`."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes={num_classes!r}: expected an int >= 1")
+    _check_num_classes(num_classes)
     return CaffeLeNet(num_classes, in_channels)
