@@ -11,9 +11,10 @@ so these lists are checked without a GPU (docs/compile_report.md).
 Register budget (compile report, K-major weights and one flattened K loop): without in-kernel RNG
 or a per-tile epilogue the 128x128 tiles compile to wgmma / mma.sync without spills; regenerating
 the weights in registers (per_sample) still fits 128x128x32 on both archs; the crossbar-tile
-kernels (two BM x BN accumulators through the tile loop, output noise, mask words, out-mask gate)
-fit 64x128x32 on 8 warps and spill at 128x128 (8 warps) and, for some shapes, at 64x64 (4
-warps); the linear's column-grouped output noise and fp32 operands keep the small tiles.
+forward (two BM x BN fp32 tensors through the tile loop, output noise, mask words) fits 64x128x32
+on 8 warps and spills at 128x128; the crossbar-tile input and weight grads fit 128x128x32 when the
+out mask is word-aligned (one word per row, not per element) and 64x128 otherwise; the linear's
+column-grouped output noise and fp32 operands keep the small tiles.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def _c(BM, BN, BK, w, s, maxnreg=None):
 #              from the pre-pass or noise-free): >= 128-wide tiles
 #   GEMM_REGEN the same with the weights regenerated in registers (no per-tile epilogue or gate)
 #   GEMM_OMASK input grad gated by the out mask (crossbar tiles), weights from the pre-pass
+#   GEMM_OMASK_WORDS  the same with a word-aligned out mask, pre-pass or regenerated weights
 #   GEMM_EPI   forward with the crossbar-tile epilogue (ADC / output noise), weights from the pre-pass
 #   GEMM_RNG   regenerated weights together with an epilogue / out-mask gate
 #   GEMM_SMALL fp32 operands, the linear's column-grouped output-noise epilogue: the small tiles
@@ -50,7 +52,7 @@ GEMM_REGEN: Dict[int, List[dict]] = {
     80: [_c(128, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
     90: [_c(128, 128, 32, 8, 3), _c(128, 64, 32, 4, 3), _c(64, 64, 32, 4, 3)],
 }
-# The crossbar-tile kernels carry two BM x BN fp32 accumulators through the tile loop: 8 warps on
+# The crossbar-tile forward carries two BM x BN fp32 accumulators through the tile loop: 8 warps on
 # a 64x128 tile (32 accumulator registers per thread each) compile spill-free where 4 warps at
 # 64x64 or 8 warps at 128x128 do not (compile runs, docs/triton.md)
 _SMALL = {
@@ -61,6 +63,14 @@ _SMALL = {
 GEMM_OMASK: Dict[int, List[dict]] = {
     80: [_c(64, 128, 32, 8, 3)] + _SMALL[80],
     90: [_c(64, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
+}
+# the gated input grad when the out mask is word-aligned (y channels-last, C_out and Cout_g multiples
+# of 32): one mask word per row and K step instead of one per element; 128x128x32 / 8 warps compiles
+# spill-free with pre-pass (193-222 registers) and regenerated weights (210-246) on both archs
+GEMM_OMASK_WORDS: Dict[int, List[dict]] = {
+    # sm_80: without maxnreg ptxas caps the smaller tiles at 128 / 168 registers and spills 20-324 B
+    80: [_c(128, 128, 32, 8, 3), _c(64, 128, 32, 8, 3, 255), _c(64, 64, 32, 4, 3, 255)],
+    90: [_c(128, 128, 32, 8, 3), _c(64, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
 }
 GEMM_EPI: Dict[int, List[dict]] = {
     80: [_c(64, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
@@ -79,8 +89,8 @@ WGRAD: Dict[int, List[dict]] = {
     80: [_c(128, 128, 32, 8, 3), _c(128, 64, 32, 8, 3, 255), _c(64, 64, 32, 4, 3)],
     90: [_c(128, 128, 32, 8, 3), _c(128, 64, 32, 8, 3), _c(64, 64, 32, 4, 3)],
 }
-# with the input quantizer / out-mask gate: 128x128x32 / 8 warps spills in the linear's (fc: 136 B
-# sm_90, 408 B sm_80), 64x128x32 / 8 warps fits every shape of the report on both archs
+# with a gathered out-mask gate (mask not word-aligned: fc's 1000 outputs): 128x128x32 / 8 warps
+# spills (fc: 136 B sm_90, 408 B sm_80), 64x128x32 / 8 warps fits on both archs
 WGRAD_Q: Dict[int, List[dict]] = {
     80: [_c(64, 128, 32, 8, 3), _c(32, 32, 32, 4, 2)],
     90: [_c(64, 128, 32, 8, 3), _c(32, 32, 16, 4, 3, 255)],
@@ -90,8 +100,8 @@ WGRAD_SMALL: Dict[int, List[dict]] = {
     80: [_c(32, 32, 32, 4, 2)],
     90: [_c(32, 32, 16, 4, 3, 255)],
 }
-FAMILIES = ("GEMM", "GEMM_REGEN", "GEMM_OMASK", "GEMM_EPI", "GEMM_RNG", "GEMM_SMALL", "WGRAD", "WGRAD_Q",
-            "WGRAD_SMALL")
+FAMILIES = ("GEMM", "GEMM_REGEN", "GEMM_OMASK", "GEMM_OMASK_WORDS", "GEMM_EPI", "GEMM_RNG", "GEMM_SMALL",
+            "WGRAD", "WGRAD_Q", "WGRAD_SMALL")
 
 
 def family(kind: str, consts: dict, elem_bytes: int = 2) -> str:
@@ -103,7 +113,10 @@ def family(kind: str, consts: dict, elem_bytes: int = 2) -> str:
     if kind == "WGRAD":
         if elem_bytes > 2:
             return "WGRAD_SMALL"
-        return "WGRAD_Q" if consts.get("IN_Q") or consts.get("HAS_OMASK") else "WGRAD"
+        # the gathered out-mask gate (one word per element) needs the smaller tiles; the input
+        # quantizer alone or a word-aligned gate fit the WGRAD tiles (compile report)
+        gathered = consts.get("HAS_OMASK") and not consts.get("MASK_ALIGNED")
+        return "WGRAD_Q" if gathered else "WGRAD"
     # fp32 operands, and the linear's column-grouped output noise (spills 48-892 B at 64x128 and
     # 108-620 B at 64x64): the small tiles
     if elem_bytes > 2 or (consts.get("NOISE4") == 2 and consts.get("OUT_NOISE")):
@@ -112,6 +125,8 @@ def family(kind: str, consts: dict, elem_bytes: int = 2) -> str:
                                            or consts.get("W_CLIP"))
     epilogue = bool(consts.get("OUT_NOISE") or consts.get("OUT_Q"))
     gate = bool(consts.get("HAS_OMASK"))
+    if gate and not epilogue and consts.get("MASK_ALIGNED"):
+        return "GEMM_OMASK_WORDS"
     if rng and (epilogue or gate):
         return "GEMM_RNG"
     if rng:

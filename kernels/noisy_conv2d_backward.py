@@ -30,8 +30,8 @@ import triton.language as tl
 from noisyops.reference import in_range_mask, memory_format_of
 
 from . import configs
-from .noisy_conv2d import (GROUP_M, Geometry, dot_precision, grouped_tile, launch_gemm, nhwc_strides,
-                           segments, tiling)
+from .noisy_conv2d import (GROUP_M, Geometry, dot_precision, grouped_tile, launch_gemm, mask_aligned,
+                           nhwc_strides, segments, tiling)
 from .quantize import in_range, qparams, quantize
 from .stream import u32_as_i32
 from .weight_prepass import k_major, perturb_weight, prepass, use_prepass, weight_args
@@ -47,8 +47,8 @@ def _conv_bwd_x_kernel(
         in_lo, in_hi, w_lo, w_hi, w_delta, eta_mul, sigma, k0_, k1_, c3_,
         IN_Q: tl.constexpr, W_CLIP: tl.constexpr, W_Q: tl.constexpr, NOISE_MUL: tl.constexpr,
         NOISE_ADD: tl.constexpr, W_PRE: tl.constexpr, HAS_OMASK: tl.constexpr,
-        DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-        GROUP_M: tl.constexpr):
+        MASK_ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+        BK: tl.constexpr, GROUP_M: tl.constexpr):
     """Grid ``(segments·cdiv(SEG, BM)·cdiv(Cg, BN), 1, groups)`` in grouped order
     (`grouped_tile`); see the module docstring."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(Cg, BN), GROUP_M)
@@ -115,9 +115,17 @@ def _conv_bwd_x_kernel(
             a = tl.load(g_ptr + (n * sgn + oh * sgh + ow * sgw)[:, None] + (co * sgc)[None, :],
                         mask=a_ok, other=0.0)
             if HAS_OMASK:
-                off = (n * syn + oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
-                word = tl.load(mask_ptr + mask_words * t + (off >> 5), mask=a_ok, other=0)
-                a = tl.where(((word >> (off & 31).to(tl.int32)) & 1) != 0, a, 0.0)
+                if MASK_ALIGNED and BK <= 32:
+                    # y channels-last, C_out and Cout_g multiples of 32: the BK channels of a row
+                    # lie in one mask word, loaded once per row (not once per element)
+                    wrd = (n * syn + oh * syh + ow * syw + grp * Cout_g + c0) >> 5
+                    word = tl.load(mask_ptr + mask_words * t + wrd, mask=pos_ok, other=0)
+                    bit = (word[:, None] >> (co_l % 32).to(tl.int32)[None, :]) & 1
+                else:
+                    off = (n * syn + oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
+                    word = tl.load(mask_ptr + mask_words * t + (off >> 5), mask=a_ok, other=0)
+                    bit = (word >> (off & 31).to(tl.int32)) & 1
+                a = tl.where(bit != 0, a, 0.0)
             a = a.to(xdt)
             b_ok = kk_ok[:, None] & ci_ok[None, :]
             b = tl.load(b_base + co_l[:, None] + ((rs * Cg + ci) * Cout_g)[None, :], mask=b_ok, other=0.0)
@@ -146,7 +154,7 @@ def _conv_bwd_w_kernel(
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         per_tile, mask_words, rows_total, rows_per_split, n_split,
         in_lo, in_hi, in_delta,
-        IN_Q: tl.constexpr, HAS_OMASK: tl.constexpr,
+        IN_Q: tl.constexpr, HAS_OMASK: tl.constexpr, MASK_ALIGNED: tl.constexpr,
         DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Grid ``(cdiv(Cout_g, BM), KH·KW·cdiv(Cg, BN), groups·n_split)``; accumulates into an
     fp32 ``gw`` (zeroed) with atomics; see the module docstring."""
@@ -194,9 +202,20 @@ def _conv_bwd_w_kernel(
             gt = tl.load(g_ptr + (n * sgn + oh * sgh + ow * sgw)[None, :] + (co * sgc)[:, None],
                          mask=g_ok, other=0.0)
             if HAS_OMASK:
-                off = (n * syn + oh * syh + ow * syw)[None, :] + (co * syc)[:, None]
-                word = tl.load(mask_ptr + mask_words * t + (off >> 5), mask=g_ok, other=0)
-                gt = tl.where(((word >> (off & 31).to(tl.int32)) & 1) != 0, gt, 0.0)
+                if MASK_ALIGNED and BM >= 32:
+                    # word-aligned mask (y channels-last, C_out and Cout_g multiples of 32): the
+                    # BM channels of a row are BM/32 whole words, loaded once and expanded
+                    wcol = (grp * Cout_g + pid_co * BM) // 32 + tl.arange(0, BM // 32)
+                    wrd = ((n * syn + oh * syh + ow * syw) >> 5)[None, :] + wcol[:, None]
+                    word = tl.load(mask_ptr + mask_words * t + wrd,
+                                   mask=r_ok[None, :] & (wcol * 32 < grp * Cout_g + Cout_g)[:, None], other=0)
+                    bit = (word[:, None, :] >> tl.arange(0, 32)[None, :, None]) & 1
+                    bit = tl.reshape(bit, (BM, BK))
+                else:
+                    off = (n * syn + oh * syh + ow * syw)[None, :] + (co * syc)[:, None]
+                    word = tl.load(mask_ptr + mask_words * t + (off >> 5), mask=g_ok, other=0)
+                    bit = (word >> (off & 31).to(tl.int32)) & 1
+                gt = tl.where(bit != 0, gt, 0.0)
             ih = oh * stride_h - pad_h + r * dil_h
             iw = ow * stride_w - pad_w + s * dil_w
             pos_ok = r_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -239,6 +258,7 @@ def gemm_grad_input(g4, gs, x4, xs, weight, geo: Geometry, ys, p, instance, rows
             u32_as_i32(p.seed_lo), u32_as_i32(p.seed_hi), u32_as_i32(4 * p.layer_key))
     consts = dict(IN_Q=p.in_bits > 0, W_CLIP=wa.clip, W_Q=wa.quant, NOISE_MUL=wa.noise_mul,
                   NOISE_ADD=wa.noise_add, W_PRE=use_pre, HAS_OMASK=p.out_bits > 0,
+                  MASK_ALIGNED=p.out_bits > 0 and mask_aligned(ys, geo),
                   DOT_PREC=dot_precision(x4.dtype), GROUP_M=GROUP_M)
     grid = lambda m: (n_seg * triton.cdiv(seg, m["BM"]) * triton.cdiv(Cg, m["BN"]), 1, geo.groups)  # noqa: E731
     launch_gemm("conv_bwd_x", _conv_bwd_x_kernel, grid, args, consts, device,
@@ -270,7 +290,8 @@ def gemm_grad_weight(g4, gs, x4, xs, weight, geo: Geometry, ys, p, out_mask) -> 
             geo.H, geo.W, geo.OH, geo.OW, Cg, geo.Cout_g, geo.KH, geo.KW,
             *gs, *ys, *xs, *geo.stride, *geo.padding, *geo.dilation,
             per_tile, words, rows, per_split, n_split, ilo, ihi, idelta)
-    consts = dict(IN_Q=p.in_bits > 0, HAS_OMASK=p.out_bits > 0, DOT_PREC=dot_precision(x4.dtype))
+    consts = dict(IN_Q=p.in_bits > 0, HAS_OMASK=p.out_bits > 0,
+                  MASK_ALIGNED=p.out_bits > 0 and mask_aligned(ys, geo), DOT_PREC=dot_precision(x4.dtype))
     grid = lambda m: (triton.cdiv(geo.Cout_g, m["BM"]), KK * triton.cdiv(Cg, m["BN"]),  # noqa: E731
                       geo.groups * n_split)
     launch_gemm("conv_bwd_w", _conv_bwd_w_kernel, grid, args, consts, device, kind="WGRAD",

@@ -404,12 +404,18 @@ def test_config_families_and_pruning():
     assert configs.family("GEMM", dict(W_PRE=True, OUT_NOISE=True, NOISE4=2)) == "GEMM_SMALL"
     assert configs.family("GEMM", dict(W_PRE=False, W_CLIP=True, OUT_NOISE=True)) == "GEMM_RNG"
     assert configs.family("GEMM", dict(W_PRE=False, NOISE_MUL=True, HAS_OMASK=True)) == "GEMM_RNG"
+    for w_pre in (True, False):  # a word-aligned out mask: one word per row and K step
+        assert configs.family("GEMM", dict(W_PRE=w_pre, NOISE_MUL=True, HAS_OMASK=True,
+                                           MASK_ALIGNED=True)) == "GEMM_OMASK_WORDS"
+    assert configs.family("GEMM", dict(W_PRE=True, OUT_Q=True, MASK_ALIGNED=True)) == "GEMM_EPI"
     for fam in configs.FAMILIES:  # every family has configs for both archs
         assert all(getattr(configs, fam)[arch] for arch in configs.ARCHS)
     for arch in configs.ARCHS:  # >= 128x128 where the compile report shows it spill-free
-        for fam in ("GEMM", "GEMM_REGEN"):
+        for fam in ("GEMM", "GEMM_REGEN", "GEMM_OMASK_WORDS"):
             assert max(c["BM"] * c["BN"] for c in getattr(configs, fam)[arch]) >= 128 * 128
-    assert configs.family("WGRAD", dict(IN_Q=True)) == "WGRAD_Q"
+    assert configs.family("WGRAD", dict(IN_Q=True)) == "WGRAD"
+    assert configs.family("WGRAD", dict(IN_Q=True, HAS_OMASK=True)) == "WGRAD_Q"  # gathered gate
+    assert configs.family("WGRAD", dict(IN_Q=True, HAS_OMASK=True, MASK_ALIGNED=True)) == "WGRAD"
     for arch in configs.ARCHS:
         big = configs.pruned("GEMM", arch, dict(SEG=50176, Cout_g=256, Cg=256, numel_y=1))
         assert big == configs.GEMM[arch]
