@@ -83,3 +83,16 @@ def test_lenet_caffe_shapes_and_conversion():
     assert isinstance(build_model("lenet_caffe"), models.CaffeLeNet)
     with pytest.raises(ValueError, match="num_classes"):
         models.lenet_caffe(num_classes=0)
+
+
+def test_cifar_results_merge_across_processes(tmp_path):
+    """Two processes sharing --out: each store keeps the other's students (merged under a lock)."""
+    path = str(tmp_path / "results.json")
+    a = {"n_eval": 10, "students": {"inject/0.02/0": {"mean": 0.9}}}
+    b = {"n_eval": 10, "students": {"inject/0.02/1": {"mean": 0.8}}}
+    RC._store(path, a)
+    merged = RC._store(path, b)
+    assert set(merged["students"]) == {"inject/0.02/0", "inject/0.02/1"}
+    assert RC._load(path) == merged
+    b["students"]["inject/0.02/1"] = {"mean": 0.7}  # a rewrite of one's own student wins
+    assert RC._store(path, b)["students"]["inject/0.02/1"] == {"mean": 0.7}

@@ -19,6 +19,10 @@ appended to ``<out>/results.json`` as soon as it exists; rerunning the same comm
 work, so a later session extends the grid by rerunning with more ``--runs`` / ``--etas`` (a larger
 ``--epochs`` needs a new ``--out``: the cosine schedule depends on it).
 
+Parallel: processes sharing ``--out`` may split the grid (``--first-run 1 --runs 2`` next to
+``--runs 1``, or one ``--methods`` each); start the second once the first has prepared (the
+fine-tuned model is shared); ``results.json`` is merged under a lock.
+
 Summary (`summarize`): per method and η the mean accuracy over runs (each run: mean over its
 chips); the η a method tolerates for an accuracy drop δ below the fine-tuned model's noise-free
 accuracy is where that curve crosses ``clean − δ`` (linear interpolation from (0, clean)); the
@@ -45,11 +49,21 @@ def _load(path: str) -> dict:
     return {}
 
 
-def _store(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+def _store(path: str, data: dict) -> dict:
+    """Write ``data`` to ``path`` merged with what is there, under an exclusive lock, so several
+    processes (``--first-run`` / ``--runs`` splits, ``--methods``) can fill one grid: the students
+    already in the file are kept, ``data``'s students added, every other key taken from ``data``.
+    Returns the merged results."""
+    import fcntl
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = dict(data)
+        merged["students"] = {**_load(path).get("students", {}), **data.get("students", {})}
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(merged, f, indent=2)
+        os.replace(tmp, path)
+    return merged
 
 
 def tolerated_eta(clean: float, curve: List[tuple], drop: float) -> Optional[float]:
@@ -117,6 +131,8 @@ def main(argv=None):
     ap.add_argument("--etas", type=float, nargs="+", default=PAPER_ETAS)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--runs", type=int, default=2, help="retraining runs per (method, η) (paper: 2)")
+    ap.add_argument("--first-run", type=int, default=0,
+                    help="train runs first-run .. runs-1 only (split the runs over processes sharing --out)")
     ap.add_argument("--epochs", type=int, default=1, help="student epochs (paper: 150)")
     ap.add_argument("--finetune-epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=0.01, help="student lr, cosine decay (paper: 0.01)")
@@ -163,7 +179,7 @@ def main(argv=None):
     results["budget"] = {"train images": len(c.train_ds), "student epochs": args.epochs,
                          "fine-tune epochs": args.finetune_epochs, "eval images": results["n_eval"],
                          "chips": args.chips, "lr": args.lr, "teacher": args.teacher}
-    _store(res_path, results)
+    results = _store(res_path, results)
     print(f"prepared in {time.time() - t0:.0f} s; fine-tuned noise-free {100 * results['clean_finetuned']:.2f}%",
           flush=True)
     for eta in args.etas:  # the baseline without retraining, same chips at every η
@@ -172,12 +188,12 @@ def main(argv=None):
             t1 = time.time()
             r = noisy_eval(c.ft, batches, [eta], chips=args.chips, group_size=1)[float(eta)]
             results["students"][key] = dict(r, seconds=time.time() - t1)
-            _store(res_path, results)
-    for run in range(args.runs):
+            results = _store(res_path, results)
+    for run in range(args.first_run, args.runs):
         for eta in args.etas:
             for m in args.methods:
                 key = f"{m}/{eta:g}/{run}"
-                if key in results["students"]:
+                if key in results["students"] or key in _load(res_path).get("students", {}):
                     continue
                 t1 = time.time()
                 s = dict(cfg["student"], eta=float(eta), alpha=1.0 if m == "distill" else 0.0)
@@ -185,7 +201,7 @@ def main(argv=None):
                                         seed=args.seed + run)
                 r = noisy_eval(student, batches, [eta], chips=args.chips, group_size=1)[float(eta)]
                 results["students"][key] = dict(r, seconds=time.time() - t1, clean=_clean_acc(student, batches))
-                _store(res_path, results)
+                results = _store(res_path, results)
                 print(f"{m} η={eta:g} run {run}: {100 * r['mean']:.2f} ± {100 * r['std']:.2f} "
                       f"({time.time() - t1:.0f} s)", flush=True)
     print(table(results))
