@@ -28,8 +28,17 @@ def interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _c(BM, BN, BK, w, s, maxnreg=None):
-    return dict(BM=BM, BN=BN, BK=BK, num_warps=w, num_stages=s, maxnreg=maxnreg)
+def _c(BM, BN, BK, w, s, maxnreg=None, rows_max=None):
+    """A config; ``rows_max``: only for launches whose segments have at most that many rows."""
+    return dict(BM=BM, BN=BN, BK=BK, num_warps=w, num_stages=s, maxnreg=maxnreg, rows_max=rows_max)
+
+
+# 16-row tiles (mma.sync; wgmma needs 64 rows) for segments of at most 16 rows: the per_sample
+# linear, one row per sample, would otherwise run a 64- or 128-row tile with all rows but one
+# masked off (8x the MMA work of a 16-row tile). Compiles (fc, per_sample): pre-pass 16x128x64 / 4
+# warps 128 (sm_90) / 168 (sm_80) registers, regenerated 16x128x32 / 8 warps 168-186, no spill.
+_TINY_PRE = _c(16, 128, 64, 4, 3, rows_max=16)
+_TINY_REGEN = _c(16, 128, 32, 8, 3, rows_max=16)
 
 
 # Families, chosen per launch by `family` from the kernel's constexpr switches:
@@ -45,12 +54,12 @@ def _c(BM, BN, BK, w, s, maxnreg=None):
 #              fp32 atomics) without / with the input quantizer or out-mask gate; WGRAD_SMALL: fp32
 # Largest tiles first; `pruned` drops the ones wider than the problem.
 GEMM: Dict[int, List[dict]] = {
-    80: [_c(128, 128, 32, 8, 3), _c(128, 64, 32, 4, 3), _c(64, 128, 32, 4, 3)],
-    90: [_c(128, 128, 64, 8, 3), _c(128, 64, 64, 4, 4), _c(64, 128, 64, 4, 4)],
+    80: [_c(128, 128, 32, 8, 3), _c(128, 64, 32, 4, 3), _c(64, 128, 32, 4, 3), _TINY_PRE],
+    90: [_c(128, 128, 64, 8, 3), _c(128, 64, 64, 4, 4), _c(64, 128, 64, 4, 4), _TINY_PRE],
 }
 GEMM_REGEN: Dict[int, List[dict]] = {
-    80: [_c(128, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
-    90: [_c(128, 128, 32, 8, 3), _c(128, 64, 32, 4, 3), _c(64, 64, 32, 4, 3)],
+    80: [_c(128, 128, 32, 8, 3), _c(64, 64, 32, 4, 3), _TINY_REGEN],
+    90: [_c(128, 128, 32, 8, 3), _c(128, 64, 32, 4, 3), _c(64, 64, 32, 4, 3), _TINY_REGEN],
 }
 # The crossbar-tile forward carries two BM x BN fp32 accumulators through the tile loop: 8 warps on
 # a 64x128 tile (32 accumulator registers per thread each) compile spill-free where 4 warps at
@@ -170,7 +179,8 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
 def pruned(fam: str, arch: int, args: dict) -> List[dict]:
     """The configs of family ``fam`` worth timing for a launch with named arguments ``args``:
     tiles no wider than the padded problem (``BM <= pow2(rows)``, ``BN <= pow2(columns)``,
-    ``BK <= pow2(reduction chunk)``), keeping at least the smallest config. Forward: rows = ``SEG``
+    ``BK <= pow2(reduction chunk)``; configs with ``rows_max`` only for segments of at most that
+    many rows), keeping at least the smallest config. Forward: rows = ``SEG``
     (one segment's rows), columns = ``Cout_g``, chunk = ``Cg``; input grad: columns = ``Cg``, chunk =
     ``Cout_g``; weight grad: rows = ``Cout_g``, columns = ``Cg``, chunk = ``rows_per_split``."""
     cfgs = globals()[fam][arch]
@@ -182,6 +192,7 @@ def pruned(fam: str, arch: int, args: dict) -> List[dict]:
         m = args.get("SEG", big)
         n = args.get("Cout_g" if fwd else "Cg", big)
         k = args.get("Cg" if fwd else "Cout_g", big)
+    cfgs = [c for c in cfgs if c.get("rows_max") is None or m <= c["rows_max"]]
     keep = [c for c in cfgs if c["BM"] <= _pow2_at_least(m) and c["BN"] <= _pow2_at_least(n)
             and c["BK"] <= _pow2_at_least(k)]
     return keep or [min(cfgs, key=lambda c: c["BM"] * c["BN"] * c["BK"])]

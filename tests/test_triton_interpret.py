@@ -271,6 +271,15 @@ def test_linear_fwd_bwd(xshape, sampling):
     torch.testing.assert_close(gw, gwr, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("tile", ["16,128,32", "16,128,64"])
+@pytest.mark.parametrize("sampling", [1, 2])
+def test_linear_per_sample_tiny_tiles(tile, sampling, monkeypatch):
+    """The 16-row tiles of one-row segments (`configs._TINY_PRE` / `_TINY_REGEN`): per_sample and
+    per_instance linear, forward and backward, as the reference."""
+    monkeypatch.setenv("NOISYOPS_INTERPRET_TILE", tile)
+    test_linear_fwd_bwd((4, 16), sampling)
+
+
 # ---- the public API on the triton backend ------------------------------------------------------
 API_CONFIGS = [
     LayerConfig(),
@@ -418,7 +427,10 @@ def test_config_families_and_pruning():
     assert configs.family("WGRAD", dict(IN_Q=True, HAS_OMASK=True, MASK_ALIGNED=True)) == "WGRAD"
     for arch in configs.ARCHS:
         big = configs.pruned("GEMM", arch, dict(SEG=50176, Cout_g=256, Cg=256, numel_y=1))
-        assert big == configs.GEMM[arch]
+        assert big == [c for c in configs.GEMM[arch] if c["rows_max"] is None]
+        for fam in ("GEMM", "GEMM_REGEN"):  # one row per sample (per_sample linear): 16-row tiles
+            one = configs.pruned(fam, arch, dict(SEG=1, Cout_g=1000, Cg=2048, numel_y=1))
+            assert one and all(c["BM"] == 16 and c["rows_max"] == 16 for c in one)
         narrow = configs.pruned("GEMM", arch, dict(SEG=50176, Cout_g=64, Cg=64, numel_y=1))
         assert narrow and all(c["BN"] <= 64 for c in narrow)
         tiny = configs.pruned("GEMM", arch, dict(SEG=3, Cout_g=5, Cg=2, numel_y=1))
