@@ -388,6 +388,17 @@ def test_cost_model_bytes_and_normals():
     assert 100e9 < gc.A100.normal_rate() < gc.H100.normal_rate() < 1e12
 
 
+def test_cost_model_row_tiles_ignore_one_row_configs():
+    """The regenerate strategy's row tile is the smallest BM a long segment can take: the 16-row
+    configs for segments of <= 16 rows (`rows_max`) do not count."""
+    from noisyops.backends import gpu_cost as gc
+    from noisyops.kernels import configs
+    for arch in configs.ARCHS:
+        for fam, tiles in (("GEMM_REGEN", gc.REGEN_ROW_TILES), ("GEMM_RNG", gc.ROW_TILES)):
+            long_seg = configs.pruned(fam, arch, dict(SEG=1 << 20, Cout_g=1 << 10, Cg=1 << 10, numel_y=1))
+            assert tiles[arch] == min(c["BM"] for c in long_seg) >= 32
+
+
 def test_fused_weight_strategy_comes_from_the_one_cost_model(monkeypatch):
     """The fused kernels' pre-pass / regenerate choice is `gpu_cost.best_fused` (no second model):
     per_call over many row tiles pre-passes, per_sample at batch 256 of a 3x3 512x512 conv

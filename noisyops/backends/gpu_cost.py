@@ -51,10 +51,18 @@ def _kernel_configs():
 # BM of the fused GEMM's row tiles when it regenerates the weights, read from the kernels' autotune
 # configs: the smallest BM of the family such launches take (`configs.family`): GEMM_RNG with an
 # output epilogue, GEMM_REGEN without. The regenerate strategy pays one regeneration per row tile.
+# Configs with ``rows_max`` (16-row tiles of one-row segments) are left out: a segment that short
+# has one row tile whatever BM is.
 _CFG = _kernel_configs()
-ROW_TILES = {arch: min(c["BM"] for c in cfgs) for arch, cfgs in _CFG.GEMM_RNG.items()}
+
+
+def _min_bm(cfgs) -> int:
+    return min(c["BM"] for c in cfgs if c.get("rows_max") is None)
+
+
+ROW_TILES = {arch: _min_bm(cfgs) for arch, cfgs in _CFG.GEMM_RNG.items()}
 ROW_TILE = min(ROW_TILES.values())
-REGEN_ROW_TILES = {arch: min(c["BM"] for c in cfgs) for arch, cfgs in _CFG.GEMM_REGEN.items()}
+REGEN_ROW_TILES = {arch: _min_bm(cfgs) for arch, cfgs in _CFG.GEMM_REGEN.items()}
 
 
 def row_tile_for(noise: "Noise", arch: int) -> int:
