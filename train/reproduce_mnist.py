@@ -45,7 +45,9 @@ from .config import load_config
 
 METHODS = ("none", "finetuned", "inject", "distill")
 
-# The --paper preset: the paper's recipe at a budget that fits about 30 minutes on 2 CPU cores.
+# The --paper preset: the paper's recipe at a budget chosen to fit 30 minutes on 2 CPU cores.
+# Measured on a quiet 2-core machine (one process, 1 thread, 2026-12-04): 467 s with these
+# 2-epoch students, 994 s with `--student-epochs 8`, which does not help (docs/results.md).
 PAPER = dict(etas=[0.05, 0.1, 0.15, 0.2, 0.25, 0.3], chips=20, eval_limit=10000, teacher_epochs=6,
              finetune_epochs=1, student_epochs=2, student_teacher="finetuned", clean_grad=True,
              T=6.0, alpha=1.0, adc=True)
