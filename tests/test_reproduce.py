@@ -96,3 +96,21 @@ def test_cifar_results_merge_across_processes(tmp_path):
     assert RC._load(path) == merged
     b["students"]["inject/0.02/1"] = {"mean": 0.7}  # a rewrite of one's own student wins
     assert RC._store(path, b)["students"]["inject/0.02/1"] == {"mean": 0.7}
+
+
+def test_fresh_student_noise_does_not_depend_on_the_start_models_history():
+    """Students copied from a fine-tuned model draw the same noise whatever number of calls that
+    model made before (trained in this process vs loaded from a checkpoint)."""
+    import torch
+    import noisyops
+    from noisyops import LayerConfig
+    from train.pipeline import fresh_student
+    torch.manual_seed(0)
+    base = noisyops.convert(torch.nn.Sequential(torch.nn.Linear(8, 4)), LayerConfig(eta=0.1))
+    x = torch.randn(3, 8)
+    used = __import__("copy").deepcopy(base)
+    for _ in range(5):
+        used(x)  # the start model's counters move on
+    a, b = fresh_student(base, 3), fresh_student(used, 3)
+    assert torch.equal(a(x), b(x)) and torch.equal(a(x), b(x))
+    assert not torch.equal(fresh_student(base, 4)(x), fresh_student(base, 3)(x))  # the seed matters

@@ -175,16 +175,27 @@ def quantize(model: nn.Module, q: Dict[str, Any], calib) -> None:
         noisyops.calibrate(model, calib, lo_pct=float(q["lo_pct"]), hi_pct=float(q["hi_pct"]))
 
 
+def fresh_student(start: nn.Module, seed: int) -> nn.Module:
+    """A copy of ``start`` whose noise is a function of ``seed`` and its own calls only: seed set,
+    call counters at 0. (A plain copy would inherit ``start``'s counters, i.e. how many calls the
+    fine-tuned model made in this process — more when it was just trained here than when it was
+    loaded from its checkpoint — and the same command would draw other noise.)"""
+    import noisyops
+    student = copy.deepcopy(start)
+    noisyops.set_seed(student, int(seed))
+    noisyops.reset_calls(student)
+    return student
+
+
 def train_student(c: Context, s: Dict[str, Any], ckpt_dir: str, seed: Optional[int] = None) -> nn.Module:
     """Stage 4: a noisy student from ``c.ft`` with the student settings ``s`` (see DEFAULTS["student"]).
 
     ``seed`` (default: the run seed ``c.seed``) seeds the student's noise (`noisyops.set_seed`) and
     its data order, so repeated retraining runs of one setting differ only by it."""
     import noisyops
-    student = copy.deepcopy(c.ft)
+    student = fresh_student(c.ft, c.seed if seed is None else int(seed))
     loader = c.train_loader
     if seed is not None and int(seed) != c.seed:
-        noisyops.set_seed(student, int(seed))
         loader = make_loader(c.train_ds, int(c.cfg["data"]["batch_size"]), train=True, seed=int(seed),
                              rank=c.rank, world_size=c.world, num_workers=int(c.cfg["data"]["num_workers"]))
     _set_layers(student, eta=float(s["eta"]), eta_mul=float(s["eta_mul"]), sampling="per_call",
