@@ -17,7 +17,8 @@ Side by side in one process, interleaved repeats, medians, ratios to clean (thro
   the generated C++ kernels (``cpp_fused_*`` launched from ``call``), how many of them round (the
   quantizers: ``nearbyint`` / ``round``), the extern calls (convolutions, GEMMs) and the noisyops
   custom ops;
-* cost split of one compiled eval forward (``torch.profiler``, self CPU time): the noise pre-pass
+* cost split of one compiled eval forward and train step (``torch.profiler``, self CPU time, and
+  the ten costliest events): the noise pre-pass
   op (``noisyops::noisy_weights``), the convolutions, everything else.
 
 Usage: ``python benchmarks/compile_cpu.py [--repeats 5] [--models resnet18,resnet50] [--opaque]
@@ -156,13 +157,15 @@ def first_call(step):
 
 
 # ---- cost split ------------------------------------------------------------------------------------
-def cost_split(step) -> dict:
-    """Self CPU seconds of one call by category (torch.profiler)."""
+def cost_split(step, top: int = 10) -> dict:
+    """Self CPU seconds of one call by category (torch.profiler), and the ``top`` events by self
+    CPU time (``top``: ``[[name, seconds, calls], ...]``)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     split = {"noise_prepass": 0.0, "convolution": 0.0, "other": 0.0}
-    for e in prof.key_averages():
+    events = prof.key_averages()
+    for e in events:
         t = e.self_cpu_time_total / 1e6
         if "noisy_weights" in e.key:
             split["noise_prepass"] += t
@@ -170,7 +173,10 @@ def cost_split(step) -> dict:
             split["convolution"] += t
         else:
             split["other"] += t
-    return {k: round(v, 4) for k, v in split.items()}
+    out = {k: round(v, 4) for k, v in split.items()}
+    ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    out["top"] = [[e.key, round(e.self_cpu_time_total / 1e6, 4), int(e.count)] for e in ranked]
+    return out
 
 
 def prepass_seconds(model, repeats=3) -> float:
@@ -242,8 +248,7 @@ def run_model(name: str, size: int, batch: int, repeats: int, opaque: bool, trai
         result.setdefault("median_s", {})[mode] = {k: round(v, 4) for k, v in med.items()}
         result.setdefault("ratio", {})[mode] = {k: round(med["clean"] / v, 3) for k, v in med.items() if k != "clean"}
         print(f"  {name} {mode}: medians {result['median_s'][mode]} ratios {result['ratio'][mode]}", flush=True)
-        if mode == "eval":
-            result["eval_cost_split_s"] = {k: cost_split(s) for k, s in steps.items()}
+        result[f"{mode}_cost_split_s"] = {k: cost_split(s) for k, s in steps.items()}
     result["prepass_eager_s"] = round(prepass_seconds(noisy), 4)
     return result
 
