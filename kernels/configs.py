@@ -35,8 +35,8 @@ def _c(BM, BN, BK, w, s, maxnreg=None, rows_max=None):
 
 # 16-row tiles (mma.sync; wgmma needs 64 rows) for segments of at most 16 rows: the per_sample
 # linear, one row per sample, would otherwise run a 64- or 128-row tile with all rows but one
-# masked off (8x the MMA work of a 16-row tile). Compiles (fc, per_sample): pre-pass 16x128x64 / 4
-# warps 128 (sm_90) / 168 (sm_80) registers, regenerated 16x128x32 / 8 warps 168-186, no spill.
+# masked off (8x the MMA work of a 16-row tile). Compiles (fc, per_sample, fwd and input grad): pre-pass 16x128x64 / 4
+# warps 128-168 registers, regenerated 16x128x32 / 8 warps 168-186, no spill (both archs).
 _TINY_PRE = _c(16, 128, 64, 4, 3, rows_max=16)
 _TINY_REGEN = _c(16, 128, 32, 8, 3, rows_max=16)
 
@@ -75,7 +75,7 @@ GEMM_OMASK: Dict[int, List[dict]] = {
 }
 # the gated input grad when the out mask is word-aligned (y channels-last, C_out and Cout_g multiples
 # of 32): one mask word per row and K step instead of one per element; 128x128x32 / 8 warps compiles
-# spill-free with pre-pass (193-222 registers) and regenerated weights (210-246) on both archs
+# spill-free with pre-pass (180-222 registers) and regenerated weights (210-246) on both archs
 GEMM_OMASK_WORDS: Dict[int, List[dict]] = {
     # sm_80: without maxnreg ptxas caps the smaller tiles at 128 / 168 registers and spills 20-324 B
     80: [_c(128, 128, 32, 8, 3), _c(64, 128, 32, 8, 3, 255), _c(64, 64, 32, 4, 3, 255)],
