@@ -35,8 +35,9 @@ def _c(BM, BN, BK, w, s, maxnreg=None, rows_max=None):
 
 # 16-row tiles (mma.sync; wgmma needs 64 rows) for segments of at most 16 rows: the per_sample
 # linear, one row per sample, would otherwise run a 64- or 128-row tile with all rows but one
-# masked off (8x the MMA work of a 16-row tile). Compiles (fc, per_sample, fwd and input grad): pre-pass 16x128x64 / 4
-# warps 128-168 registers, regenerated 16x128x32 / 8 warps 168-186, no spill (both archs).
+# masked off (8x the MMA work of a 16-row tile). Compiles (fc, per_sample, forward and input
+# grad, both archs): pre-pass 16x128x64 / 4 warps 128-168 registers, regenerated 16x128x32 / 8
+# warps 168-186, no spill.
 _TINY_PRE = _c(16, 128, 64, 4, 3, rows_max=16)
 _TINY_REGEN = _c(16, 128, 32, 8, 3, rows_max=16)
 
