@@ -43,14 +43,21 @@ def quantize(v: torch.Tensor, lo: float, hi: float, bits: int) -> torch.Tensor:
         return clip(v, lo, hi)
     delta = (hi_t - lo_t) / torch.tensor(float((1 << bits) - 1), dtype=v.dtype, device=v.device)
     q = lo_t + torch.round((torch.minimum(torch.maximum(v, lo_t), hi_t) - lo_t) / delta) * delta
-    return torch.where(torch.isinf(v), v, q)
+    return torch.where(is_inf(v), v, q)
 
 
 def clip(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """``clamp(v, lo, hi)`` that lets NaN and ±Inf through (a fault is never made finite)."""
     lo_t = torch.tensor(lo, dtype=v.dtype, device=v.device)
     hi_t = torch.tensor(hi, dtype=v.dtype, device=v.device)
-    return torch.where(torch.isinf(v), v, torch.minimum(torch.maximum(v, lo_t), hi_t))
+    return torch.where(is_inf(v), v, torch.minimum(torch.maximum(v, lo_t), hi_t))
+
+
+def is_inf(v: torch.Tensor) -> torch.Tensor:
+    """``torch.isinf(v)`` written as ``|v| == inf``: the same mask, but inductor's C++ backend
+    vectorises ``abs`` and ``eq`` while it runs ``isinf`` as a scalar loop inside every fused kernel
+    (one quantizer cost 2.39 vs 1.45 ms on 3.2 M floats, docs/compile_cpu.md)."""
+    return v.abs() == float("inf")
 
 
 def in_range_mask(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:

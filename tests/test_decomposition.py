@@ -199,3 +199,23 @@ def test_inductor_train_step_matches_eager():
             torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-5, msg=n)
             pe.grad = pc.grad = None
     assert int(model[0].calls) == 2
+
+
+def test_inductor_quantizer_kernels_are_vectorised():
+    """Inductor's C++ kernels that hold a quantizer (forward) or its straight-through mask
+    (backward) run fully vectorised: no scalar fallback loop (``tmpbuf_out[i] = ...``), which is
+    what ``torch.isinf`` compiled to inside every fused kernel (noisyops uses ``|v| == inf``)."""
+    from torch._inductor.utils import run_and_get_code
+    _, model = _small_net(ADC_DAC)
+    torch._dynamo.reset()
+    comp = torch.compile(model, fullgraph=True)
+    x = torch.randn(4, 3, 8, 8)
+
+    def step():
+        comp(x).square().sum().backward()
+
+    _, codes = run_and_get_code(step)
+    code = "\n".join(codes)
+    assert ".round()" in code, "no vectorised quantizer in the generated code"
+    assert "tmpbuf_out[i] =" not in code, [line.strip() for line in code.splitlines()
+                                            if "tmpbuf_out[i] =" in line]
