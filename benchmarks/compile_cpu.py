@@ -43,7 +43,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import noisyops  # noqa: E402
-from noisyops import LayerConfig, decomposition  # noqa: E402
+from noisyops import LayerConfig, decomposition, reference  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import resnet50_cpu as _eager_bench  # noqa: E402  (benchmarks/ sibling: its interleaved loop)
@@ -215,6 +215,40 @@ def output_noise_micro(shape=(16, 64, 56, 56), repeats=7) -> dict:
     return {"shape": list(shape), "median_s": {k: round(statistics.median(v), 5) for k, v in times.items()}}
 
 
+def quantizer_micro(shape=(16, 64, 56, 56), repeats=15) -> dict:
+    """Median seconds of compiled ``Q(relu(x·a + b))`` (8-bit, fixed range) with the quantizer's
+    ±Inf pass-through written as noisyops writes it (`reference.is_inf`: ``|v| == inf``) and as
+    ``torch.isinf`` (what it was before, a scalar loop in inductor's C++ kernels), against compiled
+    ``relu(x·a + b)`` alone; and whether the two quantizers give the same bits. ``x`` is a
+    ResNet-50 layer-1 sized activation, ``a``/``b`` per-channel (a batch-norm in eval)."""
+    x = torch.randn(*shape)
+    x.view(-1)[:3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    a, b = torch.randn(shape[1], 1, 1), torch.randn(shape[1], 1, 1)
+
+    def q_relu(x, a, b):
+        return reference.quantize(torch.relu(x * a + b), -1.6, 1.7, BITS)
+
+    compiled = torch.compile(q_relu)
+
+    def with_isinf(x, a, b):  # dynamo guards on reference.is_inf: this call runs the isinf graph
+        is_inf, reference.is_inf = reference.is_inf, torch.isinf
+        try:
+            return compiled(x, a, b)
+        finally:
+            reference.is_inf = is_inf
+
+    fns = {"relu_only": torch.compile(lambda x, a, b: torch.relu(x * a + b)),
+           "abs_eq_inf": compiled, "torch_isinf": with_isinf}
+    outs = {k: f(x, a, b) for k, f in fns.items()}
+    for f in fns.values():
+        for _ in range(2):
+            f(x, a, b)
+    times = interleaved({k: (lambda f=f: f(x, a, b)) for k, f in fns.items()}, repeats)
+    same = torch.equal(outs["abs_eq_inf"].view(torch.int32), outs["torch_isinf"].view(torch.int32))
+    return {"shape": list(shape), "median_s": {k: round(statistics.median(v), 5) for k, v in times.items()},
+            "bit_identical": bool(same)}
+
+
 # ---- one model ---------------------------------------------------------------------------------------
 def run_model(name: str, size: int, batch: int, repeats: int, opaque: bool, train: bool = True) -> dict:
     torch._dynamo.reset()
@@ -278,13 +312,18 @@ def main(argv=None):
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--output-noise", action="store_true",
                     help="only the output-noise micro-benchmark (traced Philox vs custom op)")
+    ap.add_argument("--quantizer", action="store_true",
+                    help="only the quantizer micro-benchmark (|v| == inf vs torch.isinf)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch._dynamo.config.cache_size_limit = 64
     load = os.getloadavg()
-    if args.output_noise:
-        res = output_noise_micro()
+    if args.output_noise or args.quantizer:
+        res = output_noise_micro() if args.output_noise else quantizer_micro()
         print(json.dumps(res))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
         return res
     runs = [("tiny", 16, 4)] if args.quick else [(m, MODELS[m], args.batch) for m in args.models.split(",")]
     results = []
