@@ -41,3 +41,14 @@ def test_quick_train_fuses_quantizers():
     assert k["train/noisy"]["noisyops_ops"] == 4  # the pre-pass in forward; its backward is pointwise
     assert k["train/noisy"]["standalone_quantizers"] <= 2
     torch._dynamo.reset()
+
+
+def test_quantizer_micro_compares_the_same_bits():
+    """`--quantizer`: the two ±Inf masks compile to different graphs with identical outputs."""
+    import compile_cpu
+    torch._dynamo.reset()
+    res = compile_cpu.quantizer_micro(shape=(2, 8, 6, 6), repeats=1)
+    assert res["bit_identical"] is True
+    assert set(res["median_s"]) == {"relu_only", "abs_eq_inf", "torch_isinf"}
+    assert all(v > 0 for v in res["median_s"].values())
+    torch._dynamo.reset()
