@@ -56,7 +56,7 @@ def clip(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 def is_inf(v: torch.Tensor) -> torch.Tensor:
     """``torch.isinf(v)`` written as ``|v| == inf``: the same mask, but inductor's C++ backend
     vectorises ``abs`` and ``eq`` while it runs ``isinf`` as a scalar loop inside every fused kernel
-    (one quantizer cost 2.39 vs 1.45 ms on 3.2 M floats, docs/compile_cpu.md)."""
+    (``python benchmarks/compile_cpu.py --quantizer``, docs/compile_cpu.md)."""
     return v.abs() == float("inf")
 
 
