@@ -10,7 +10,9 @@ Side by side in one process, interleaved repeats, medians, ratios to clean (thro
   by ``noisyops.calibrate``, 0.1 / 99.9 percentiles), then ``torch.compile`` (inductor). Under
   compile the noisy layers trace `noisyops.decomposition` (noise pre-pass op → aten conv → pointwise
   quantizers); ``--opaque`` adds the variant with ``decomposition.ENABLED = False`` (the opaque
-  custom op, as before the decomposition existed);
+  custom op, as before the decomposition existed); ``--nchw-weights`` the variant whose pre-pass
+  writes row-major weights (``decomposition.CHANNELS_LAST_WEIGHTS = False``; inductor then copies
+  each to channels-last per call, as before the pre-pass wrote that layout);
 * eval = ``no_grad`` forward; train step = forward + cross-entropy + backward + SGD step (the
   optimizer runs eagerly, the model is compiled);
 * fusion evidence: the inductor output code of each compiled graph (``run_and_get_code``), counting
@@ -21,7 +23,7 @@ Side by side in one process, interleaved repeats, medians, ratios to clean (thro
   the ten costliest events): the noise pre-pass
   op (``noisyops::noisy_weights``), the convolutions, everything else.
 
-Usage: ``python benchmarks/compile_cpu.py [--repeats 5] [--models resnet18,resnet50] [--opaque]
+Usage: ``python benchmarks/compile_cpu.py [--repeats 5] [--models resnet18,resnet50] [--opaque] [--nchw-weights]
 [--json benchmarks/results/compile_cpu.json]``. Inputs are random (speed does not depend on the
 data); weights are torchvision's random init.
 """
@@ -128,10 +130,12 @@ def kernel_census(codes) -> dict:
     kernels that advance the noisy layers' call counters (``calls.copy_(calls + 1)``);
     ``rounding_kernels``: kernels holding a quantizer (they round); ``standalone_quantizers``:
     rounding kernels with no neighbouring op in them (kernel names list the fused aten ops; none of
-    batch_norm / relu / threshold_backward / mean / convolution (layout copy) / pool / mm / sum).
+    batch_norm / relu / threshold_backward / mean / convolution (layout copy) / pool / mm / sum);
+    ``layout_copies``: launched kernels that change a tensor's layout (``transpose_mxn`` in the body:
+    NCHW -> channels-last copies of inputs or weights).
     """
     out = {"cpp_kernels": 0, "counter_kernels": 0, "rounding_kernels": 0, "standalone_quantizers": 0,
-           "extern_calls": 0, "noisyops_ops": 0, "graphs": len(codes)}
+           "layout_copies": 0, "extern_calls": 0, "noisyops_ops": 0, "graphs": len(codes)}
     for code in codes:
         bodies = dict(_KERNEL_DEF.findall(code))
         call = code[code.find("def call("):]
@@ -142,6 +146,7 @@ def kernel_census(codes) -> dict:
             rounds = bool(re.search(r"nearbyint|round", bodies.get(k, "")))
             out["rounding_kernels"] += rounds
             out["counter_kernels"] += bool(re.fullmatch(r"cpp_fused_add_copy__sub_\d+", k))
+            out["layout_copies"] += "transpose_mxn" in bodies.get(k, "")
             out["standalone_quantizers"] += rounds and not any(n in k for n in _NEIGHBOURS)
         out["extern_calls"] += len(re.findall(r"extern_kernels\.\w+\(", call))
         out["noisyops_ops"] += len(re.findall(r"= torch\.ops\.noisyops\.\w+", call))
@@ -250,7 +255,21 @@ def quantizer_micro(shape=(16, 64, 56, 56), repeats=15) -> dict:
 
 
 # ---- one model ---------------------------------------------------------------------------------------
-def run_model(name: str, size: int, batch: int, repeats: int, opaque: bool, train: bool = True) -> dict:
+# variants beyond clean / noisy: the decomposition flags they are traced with
+EXTRA_VARIANTS = {
+    "noisy_opaque": {"ENABLED": False},                     # the opaque custom op under compile
+    "noisy_nchw_weights": {"CHANNELS_LAST_WEIGHTS": False},  # pre-pass writes row-major weights
+}
+
+
+def _trace_flags(vname: str) -> dict:
+    flags = {"ENABLED": True, "CHANNELS_LAST_WEIGHTS": True}
+    flags.update(EXTRA_VARIANTS.get(vname, {}))
+    return flags
+
+
+def run_model(name: str, size: int, batch: int, repeats: int, opaque: bool, train: bool = True,
+              nchw_weights: bool = False) -> dict:
     torch._dynamo.reset()
     clean = build(name)
     x = torch.randn(batch, 3, size, size)
@@ -259,6 +278,8 @@ def run_model(name: str, size: int, batch: int, repeats: int, opaque: bool, trai
     variants = {"clean": clean, "noisy": noisy}
     if opaque:
         variants["noisy_opaque"] = noisy_copy(clean, x)
+    if nchw_weights:
+        variants["noisy_nchw_weights"] = noisy_copy(clean, x)
     result = {"model": name, "size": size, "batch": batch, "compile_s": {}, "kernels": {}, "times_s": {}}
     modes = ("eval", "train") if train else ("eval",)
     for mode in modes:
@@ -266,7 +287,8 @@ def run_model(name: str, size: int, batch: int, repeats: int, opaque: bool, trai
         for vname, model in variants.items():
             comp = torch.compile(model)
             steps[vname] = make_eval(comp, x) if mode == "eval" else make_train(comp, x, y, model.parameters())
-            decomposition.ENABLED = vname != "noisy_opaque"
+            for flag, value in _trace_flags(vname).items():
+                setattr(decomposition, flag, value)
             secs, codes = first_call(steps[vname])
             result["compile_s"][f"{mode}/{vname}"] = round(secs, 1)
             result["kernels"][f"{mode}/{vname}"] = kernel_census(codes)
@@ -275,7 +297,8 @@ def run_model(name: str, size: int, batch: int, repeats: int, opaque: bool, trai
         for _ in range(3):  # warm-up after every variant compiled (the first calls after a compile are slow)
             for s in steps.values():
                 s()
-        decomposition.ENABLED = True  # compiled graphs are fixed now; the flag only matters at trace time
+        for flag, value in _trace_flags("noisy").items():  # graphs are fixed now; flags matter at trace time
+            setattr(decomposition, flag, value)
         times = interleaved(steps, repeats)
         result["times_s"][mode] = {k: [round(t, 4) for t in v] for k, v in times.items()}
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -288,16 +311,16 @@ def run_model(name: str, size: int, batch: int, repeats: int, opaque: bool, trai
 
 
 def table(results) -> str:
+    extra = [v for v in EXTRA_VARIANTS if any(v in r["median_s"]["eval"] for r in results)]
     lines = ["| model | input | step | clean (s) | noisy (s) | noisy / clean throughput |"
-             + (" opaque op (s) | opaque / clean |" if any("noisy_opaque" in r["median_s"]["eval"] for r in results) else ""),
-             "| --- | --- | --- | --- | --- | --- |"
-             + (" --- | --- |" if any("noisy_opaque" in r["median_s"]["eval"] for r in results) else "")]
+             + "".join(f" {v} (s) | {v} / clean |" for v in extra),
+             "| --- | --- | --- | --- | --- | --- |" + " --- | --- |" * len(extra)]
     for r in results:
         for mode, med in r["median_s"].items():
             row = (f"| {r['model']} | {r['batch']}×3×{r['size']}² | {mode} | {med['clean']:.3f} | "
                    f"{med['noisy']:.3f} | **{r['ratio'][mode]['noisy']:.3f}** |")
-            if "noisy_opaque" in med:
-                row += f" {med['noisy_opaque']:.3f} | {r['ratio'][mode]['noisy_opaque']:.3f} |"
+            for v in extra:
+                row += f" {med[v]:.3f} | {r['ratio'][mode][v]:.3f} |"
             lines.append(row)
     return "\n".join(lines)
 
@@ -309,6 +332,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--opaque", action="store_true", help="also time the opaque custom op under compile")
+    ap.add_argument("--nchw-weights", action="store_true",
+                    help="also time the noisy model traced with row-major pre-pass weights "
+                         "(decomposition.CHANNELS_LAST_WEIGHTS = False: inductor copies them channels-last)")
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--output-noise", action="store_true",
                     help="only the output-noise micro-benchmark (traced Philox vs custom op)")
@@ -329,7 +355,7 @@ def main(argv=None):
     results = []
     for name, size, batch in runs:
         results.append(run_model(name, size, batch, 2 if args.quick else args.repeats, args.opaque,
-                                 train=not args.eval_only))
+                                 train=not args.eval_only, nchw_weights=args.nchw_weights))
     out = {"command": "python benchmarks/compile_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "loadavg_before": [round(v, 2) for v in load], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
            "threads": torch.get_num_threads(), "torch": torch.__version__, "results": results}

@@ -6,7 +6,9 @@ batch-norm / ReLU / add kernels. `noisyops.functional.conv2d_with_params` / `lin
 therefore trace this decomposition instead, whenever `route` says it is exact:
 
     Wn, bounds = noisyops::noisy_weights(W, params, counter)   custom op: the backend's weight pre-pass
-                                                                (clip, quantize, Philox noise), one copy
+                                                                (clip, quantize, Philox noise), one copy,
+                                                                written channels-last on the CPU (the
+                                                                layout inductor's convolutions take)
     xq  = Q_in(x)                                               pointwise, STE: grad·[in_lo <= x <= in_hi]
     y   = aten.convolution(xq, Wn, b?) / aten.linear(xq, Wn, b?)
     y   = noisyops::add_output_noise(y, params, counter)       custom op: y + out_noise·ε'', ε'' the SPEC
@@ -55,6 +57,13 @@ ENABLED = os.environ.get("NOISYOPS_COMPILE_DECOMPOSE", "1").strip() not in ("0",
 
 DECOMPOSED = "decomposed"
 
+# The CPU pre-pass writes conv weights channels-last (`inductor_conv_channels_last`). Under inductor
+# that changes no result (its convolutions already ran channels-last, on a copy); under backends that
+# run eager kernels on the traced graph (``aot_eager``) an NCHW input's conv then takes oneDNN's
+# channels-last path, whose float32 sums round differently from eager's NCHW conv: set False there to
+# compare bit for bit.
+CHANNELS_LAST_WEIGHTS = True
+
 
 def route(p: OpParams, in_channels_per_group: int, kernel_numel: int) -> str:
     """``"decomposed"`` when the traceable decomposition computes this call exactly, else the reason
@@ -84,13 +93,15 @@ def _cpu_backend_runs(device_type: str) -> bool:
 
 @torch.library.custom_op("noisyops::noisy_weights", mutates_args=())
 def noisy_weights_op(weight: Tensor, fparams: Sequence[float], iparams: Sequence[int],
-                     instance: Tensor) -> Tuple[Tensor, Tensor]:
+                     instance: Tensor, channels_last: bool = False) -> Tuple[Tensor, Tensor]:
     """``Wn = Q_w(clip(W))·(1 + eta_mul·ε') + σ·ε`` for the call counter ``instance`` (0-d int64).
 
     Shapes: ``weight`` ``[C_out, C_in/groups, kh, kw]`` or ``[out, in]``; returns ``Wn`` (same shape,
-    contiguous, ``weight``'s dtype) and ``bounds`` float64 ``[2]`` = the ``(w_lo, w_hi)`` of this
-    call (fixed, or ``±w_std_k·std(W)`` measured here). Element index = flat row-major index of W.
+    ``weight``'s dtype; contiguous, or channels-last for a 4-D weight with ``channels_last``) and
+    ``bounds`` float64 ``[2]`` = the ``(w_lo, w_hi)`` of this call (fixed, or ``±w_std_k·std(W)``
+    measured here). Element index = flat row-major index of W, whatever the layout.
     """
+    fmt = _weight_format(weight, channels_last)
     p = OpParams.from_op_args(fparams, iparams)
     cd = reference.compute_dtype(weight.dtype)
     if weight.device.type == "cuda" and weight.dtype != torch.float64:
@@ -98,57 +109,90 @@ def noisy_weights_op(weight: Tensor, fparams: Sequence[float], iparams: Sequence
         if cuda_backend.available()[0]:  # the CUDA pre-pass reads the counter on the device
             lo, hi = p.weight_range(weight)
             wn = cuda_backend.noisy_weights_on_device(weight, p, instance, lo, hi)
-            return wn, torch.tensor([lo, hi], dtype=torch.float64, device=weight.device)
+            return (_laid_out(wn, fmt),
+                    torch.tensor([lo, hi], dtype=torch.float64, device=weight.device))
     counter = int(instance)
     if _cpu_backend_runs(weight.device.type):
         from .backends import cpu as cpu_backend
         lo, hi = p.weight_range(weight)
         ws = cpu_backend._Weights(weight, p, cd, weight.dtype, lo, hi, p.sigma(lo, hi))
-        wn = ws.make([counter])[0]
+        wn = ws.make_channels_last(counter) if fmt == torch.channels_last else ws.make([counter])[0]
     else:
         wq, sigma, _ = reference.weight_quantized(weight, p, cd)
         lo, hi = p.weight_range(weight)
         wn = reference.weight_noisy(wq, sigma, p, counter).to(weight.dtype)
     if wn.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr():
         wn = wn.clone()  # a custom op's output may not alias its input
-    return wn.contiguous(), torch.tensor([lo, hi], dtype=torch.float64, device=weight.device)
+    return _laid_out(wn, fmt), torch.tensor([lo, hi], dtype=torch.float64, device=weight.device)
+
+
+def _weight_format(weight: Tensor, channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last and weight.dim() == 4 else torch.contiguous_format
+
+
+def _laid_out(t: Tensor, fmt: torch.memory_format) -> Tensor:
+    """``t`` with exactly the strides ``empty_like(t, memory_format=fmt)`` has (the fake's): where
+    a layout is ambiguous (1x1 filters, one channel) ``contiguous(memory_format=...)`` keeps other
+    strides, which would fail inductor's check of the op's output."""
+    want = torch.empty_like(t, memory_format=fmt)
+    return t if t.stride() == want.stride() else want.copy_(t)
 
 
 @noisy_weights_op.register_fake
-def _(weight, fparams, iparams, instance):
-    return (torch.empty_like(weight, memory_format=torch.contiguous_format),
+def _(weight, fparams, iparams, instance, channels_last=False):
+    return (torch.empty_like(weight, memory_format=_weight_format(weight, channels_last)),
             weight.new_empty((2,), dtype=torch.float64))
 
 
 def _noisy_weights_setup(ctx, inputs, output):
-    weight, fparams, iparams, _ = inputs
+    weight, fparams, iparams = inputs[:3]
     ctx.clip = bool(OpParams.from_op_args(fparams, iparams).w_clip)
+    ctx.format = (torch.channels_last if weight.dim() == 4 and not weight.is_contiguous()
+                  and weight.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
     ctx.save_for_backward(weight if ctx.clip else None, output[1] if ctx.clip else None)
 
 
 def _noisy_weights_backward(ctx, grad_wn, _grad_bounds):
-    """Straight-through: ``grad_W = grad_Wn · [w_lo <= W <= w_hi]`` with the clip, else ``grad_Wn``."""
+    """Straight-through: ``grad_W = grad_Wn · [w_lo <= W <= w_hi]`` with the clip, else ``grad_Wn``;
+    in ``W``'s layout (``Wn`` may be channels-last), so the gradient accumulates into ``W.grad``
+    without another copy (under inductor the change of layout fuses into the mask)."""
     if not ctx.clip:
-        return grad_wn, None, None, None
+        return grad_wn.contiguous(memory_format=ctx.format), None, None, None, None
     weight, bounds = ctx.saved_tensors
     cd = reference.compute_dtype(weight.dtype)
     w = weight.to(cd)
     b = bounds.to(cd)
     inside = (w >= b[0]) & (w <= b[1])
-    return torch.where(inside, grad_wn, torch.zeros_like(grad_wn)), None, None, None
+    grad_w = torch.where(inside, grad_wn, torch.zeros_like(grad_wn))
+    return grad_w.contiguous(memory_format=ctx.format), None, None, None, None
 
 
 torch.library.register_autograd("noisyops::noisy_weights", _noisy_weights_backward,
                                 setup_context=_noisy_weights_setup)
 
 
-def noisy_weights(weight: Tensor, p: OpParams, instance: Tensor) -> Tensor:
-    """The call's noisy (or only clipped/quantized) weights; ``weight`` itself when nothing changes it."""
+def noisy_weights(weight: Tensor, p: OpParams, instance: Tensor, channels_last: bool = False) -> Tensor:
+    """The call's noisy (or only clipped/quantized) weights; ``weight`` itself when nothing changes it.
+    ``channels_last``: a 4-D weight comes laid out channels-last (`noisy_weights_op`)."""
     if not (p.has_weight_noise or p.w_clip):
         return weight
     fparams, iparams = p.to_op_args()
-    wn, _ = noisy_weights_op(weight, fparams, iparams, instance)
+    wn, _ = noisy_weights_op(weight, fparams, iparams, instance, channels_last)
     return wn
+
+
+def inductor_conv_channels_last(x: Tensor) -> bool:
+    """Whether inductor will run the convolutions of a graph with this input channels-last: on the CPU
+    with oneDNN, its layout optimisation always does (``GraphLowering.decide_layout_opt``) and
+    otherwise copies every conv weight to that layout on each call. The pre-pass then writes the noisy
+    weights in that layout itself. Elsewhere (CUDA: a per-graph heuristic) False. Read at import
+    (``torch.backends.mkldnn`` flags set later are not seen; the layout is then only a copy less or
+    more, never a different result)."""
+    return CHANNELS_LAST_WEIGHTS and x.device.type == "cpu" and _MKLDNN_CPU
+
+
+# read once: dynamo does not trace torch.backends.mkldnn's functions (a graph break per conv)
+_MKLDNN_CPU = bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
 # ---- pointwise quantizer with the straight-through estimator ---------------------------------------
@@ -261,7 +305,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, d
     None, ``instance`` 0-d int64 (the call counter). Returns ``[N, C_out, H', W']``.
     """
     xq = quantize_ste(x, p.in_lo, p.in_hi, p.in_bits).to(x.dtype) if p.in_bits else x
-    wn = noisy_weights(weight, p, instance)
+    wn = noisy_weights(weight, p, instance, channels_last=inductor_conv_channels_last(x))
     if not (p.out_bits or p.out_noise > 0):
         # the eager op's bias gradient is aten's conv backward's own (bit for bit), as here
         return F.conv2d(xq, wn, bias, stride, padding, dilation, groups)

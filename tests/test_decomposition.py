@@ -74,13 +74,18 @@ GRAD_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=
 
 
 def _grads(y, inputs):
+    """Gradients for the upstream gradient ``randn(y.shape)`` (by index, whatever ``y``'s layout:
+    compiled convs on the CPU may return channels-last where eager returns NCHW)."""
     torch.manual_seed(5)
-    return torch.autograd.grad((y * torch.randn_like(y)).sum(), inputs)
+    return torch.autograd.grad((y * torch.randn(y.shape, dtype=y.dtype)).sum(), inputs)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_conv_aot_eager_equals_eager(name, layout):
+def test_conv_aot_eager_equals_eager(name, layout, monkeypatch):
+    """Exact with the pre-pass writing row-major weights (eager's conv algorithm; NCHW inputs with
+    channels-last weights take oneDNN's channels-last path: `test_conv_aot_eager_channels_last_weights`)."""
+    monkeypatch.setattr(decomposition, "CHANNELS_LAST_WEIGHTS", False)
     cfg = CONFIGS[name]
     torch.manual_seed(0)
     x = torch.randn(3, 4, 7, 7, requires_grad=True)
@@ -101,6 +106,33 @@ def test_conv_aot_eager_equals_eager(name, layout):
         assert torch.equal(ye, yc)
         for ge, gc in zip(_grads(ye, (x, w, b)), _grads(yc, (x, w, b))):
             torch.testing.assert_close(gc, ge, **GRAD_TOL[gc.dtype])
+
+
+@pytest.mark.parametrize("name", ["adc_dac", "clip_mul"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_conv_aot_eager_channels_last_weights(name, layout):
+    """The default under compile on the CPU: the noisy weights come channels-last; the traced graph
+    run on eager kernels equals the eager op to float32 rounding of the product (bit for bit after
+    the ADC where it quantizes), gradients included; ``W.grad`` keeps ``W``'s layout."""
+    assert decomposition.CHANNELS_LAST_WEIGHTS
+    cfg = CONFIGS[name]
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 7, 7, requires_grad=True)
+    w = (0.15 * torch.randn(6, 4, 3, 3)).requires_grad_()
+    b = torch.randn(6, requires_grad=True)
+    xin = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+    def f(x, w, b, inst):
+        return noisy_conv2d(x, w, b, 2, 1, config=cfg, seed=11, layer_key=4, instance=inst)
+
+    torch._dynamo.reset()
+    comp = torch.compile(f, backend="aot_eager", fullgraph=True)
+    ye, yc = f(xin, w, b, torch.tensor(3)), comp(xin, w, b, torch.tensor(3))
+    torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-5)
+    grads_c = _grads(yc, (x, w, b))
+    for ge, gc in zip(_grads(ye, (x, w, b)), grads_c):
+        torch.testing.assert_close(gc, ge, **GRAD_TOL[gc.dtype])
+    assert grads_c[1].stride() == w.stride()
 
 
 @pytest.mark.parametrize("name", ["adc_dac", "clip_mul", "out_noise", "out_noise_adc"])
@@ -219,3 +251,45 @@ def test_inductor_quantizer_kernels_are_vectorised():
     assert ".round()" in code, "no vectorised quantizer in the generated code"
     assert "tmpbuf_out[i] =" not in code, [line.strip() for line in code.splitlines()
                                             if "tmpbuf_out[i] =" in line]
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 3, 3), (40, 7, 3, 3), (64, 3, 7, 7), (16, 8, 1, 1),
+                                   (12, 1, 3, 3), (130, 33, 3, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_noisy_weights_op_channels_last_same_values(shape, dtype):
+    """``channels_last=True``: the same noisy weights bit for bit (element index = flat row-major
+    index of W, SPEC section 3), laid out with exactly the strides of the fake (channels-last, also
+    where that layout is ambiguous: 1x1 filters, one input channel); blocks of the kernel that
+    straddle filters (40·7·9 > 1024) included. float64 takes the converted path."""
+    torch.manual_seed(5)
+    w = (0.15 * torch.randn(shape, dtype=dtype)).requires_grad_()
+    p = resolve(CLIP_MUL, seed=21, layer_key=2)
+    args = (w, *p.to_op_args(), torch.tensor(4))
+    flat, b_flat = decomposition.noisy_weights_op(*args)
+    cl, b_cl = decomposition.noisy_weights_op(*args, True)
+    assert flat.is_contiguous()
+    assert cl.stride() == torch.empty_like(w, memory_format=torch.channels_last).stride()
+    assert torch.equal(cl, flat) and torch.equal(b_cl, b_flat)
+    g = torch.randn(shape, dtype=dtype)
+    (g_cl,) = torch.autograd.grad((cl * g).sum(), w)
+    (g_flat,) = torch.autograd.grad((flat * g).sum(), w)
+    assert torch.equal(g_cl, g_flat) and g_cl.stride() == w.stride()
+    if shape == (40, 7, 3, 3):
+        torch.library.opcheck(decomposition.noisy_weights_op, args + (True,))
+
+
+def test_inductor_convs_take_the_pre_pass_weights_without_a_copy():
+    """On the CPU inductor runs convolutions channels-last; the pre-pass writes the noisy weights in
+    that layout, so the compiled graph has no layout-copy kernel for them (each was a
+    ``transpose_mxn`` kernel per conv per call). Input already channels-last: no transpose at all."""
+    from torch._inductor.utils import run_and_get_code
+    assert decomposition.inductor_conv_channels_last(torch.empty(1))
+    _, model = _small_net(ADC_DAC)
+    torch._dynamo.reset()
+    comp = torch.compile(model, fullgraph=True)
+    x = torch.randn(4, 3, 8, 8).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        _, codes = run_and_get_code(comp, x)
+    code = "\n".join(codes)
+    assert "torch.ops.noisyops.noisy_weights" in code
+    assert "transpose_mxn" not in code

@@ -160,7 +160,8 @@ void for_items(Passes* rec, int64_t items, int64_t grain, F body) {
 template <typename T>
 void noisy_weights_impl(const T* w, T* out, int64_t numel, const std::vector<int64_t>& instances,
                         double lo_, double hi_, bool clip, int64_t bits, double sigma_,
-                        double eta_mul_, uint64_t seed, uint64_t layer_key, Passes* rec = nullptr) {
+                        double eta_mul_, uint64_t seed, uint64_t layer_key, int64_t channels,
+                        int64_t spatial, Passes* rec = nullptr) {
   const T lo = static_cast<T>(lo_), hi = static_cast<T>(hi_);
   const Q<T> q(lo_, hi_, bits);
   // Scalars enter the tensor expressions of the reference in the tensor's dtype.
@@ -168,9 +169,15 @@ void noisy_weights_impl(const T* w, T* out, int64_t numel, const std::vector<int
   const bool add = sigma_ != 0.0, mul = eta_mul_ != 0.0;
   const int64_t K = static_cast<int64_t>(instances.size());
   const int64_t blocks = (numel + kBlock - 1) / kBlock;
+  // spatial > 1: out[k] is channels-last, element (o, c, s) of the flat row-major index
+  // e = (o·channels + c)·spatial + s stored at (o·spatial + s)·channels + c. The block is computed in
+  // flat order into `rows` and scattered within the (cache-resident) filters it covers.
+  const bool scatter = spatial > 1;
+  const int64_t filter = channels * spatial;
   for_items(rec, K * blocks, 1, [=](int64_t begin, int64_t end) {
     alignas(32) float ea[kBlock];
     alignas(32) float em[kBlock];
+    alignas(32) T rows[kBlock];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t k = item / blocks, b = item % blocks;
       const int64_t e0 = b * kBlock;
@@ -179,7 +186,7 @@ void noisy_weights_impl(const T* w, T* out, int64_t numel, const std::vector<int
       if (add) normals_range(Stream(seed, layer_key, kPurposeAdd, inst), e0, n, ea);
       if (mul) normals_range(Stream(seed, layer_key, kPurposeMul, inst), e0, n, em);
       const T* src = w + e0;
-      T* dst = out + k * numel + e0;
+      T* dst = scatter ? rows : out + k * numel + e0;
       int64_t i = 0;
 #if defined(NOISYOPS_CPU_AVX2)
       if constexpr (std::is_same_v<T, float>) {  // the scalar loop's operations, 8 lanes at a time
@@ -204,26 +211,49 @@ void noisy_weights_impl(const T* w, T* out, int64_t numel, const std::vector<int
         if (add) v = v + sigma * static_cast<T>(ea[i]);
         dst[i] = v;
       }
+      if (scatter) {
+        T* base = out + k * numel + (e0 / filter) * filter;
+        int64_t c = (e0 % filter) / spatial, sp = e0 % spatial;
+        for (int64_t j = 0; j < n; ++j) {
+          base[sp * channels + c] = rows[j];
+          if (++sp == spatial) {
+            sp = 0;
+            if (++c == channels) {
+              c = 0;
+              base += filter;
+            }
+          }
+        }
+      }
     }
   });
 }
 
-// out[k] = Wn for instances[k]; w contiguous, out contiguous [K, *w.shape], both float or double.
+// out[k] = Wn for instances[k]; w contiguous, out a dense buffer of K·w.numel() elements, both float
+// or double. spatial = 1: out[k] row-major like w; spatial = kh·kw > 1 for a conv weight
+// [C_out, channels, kh, kw]: out[k] channels-last (element (o, c, r, s) at ((o·kh + r)·kw + s)·channels + c).
 void noisy_weights_(torch::Tensor w, torch::Tensor out, std::vector<int64_t> instances, double lo,
                     double hi, bool clip, int64_t bits, double sigma, double eta_mul, uint64_t seed,
-                    uint64_t layer_key, Passes* rec = nullptr) {
+                    uint64_t layer_key, int64_t spatial = 1, Passes* rec = nullptr) {
   TORCH_CHECK(w.is_contiguous() && out.is_contiguous(), "noisy_weights_: w and out must be contiguous");
   TORCH_CHECK(w.scalar_type() == out.scalar_type(), "noisy_weights_: dtype mismatch ", w.scalar_type(),
               " vs ", out.scalar_type());
+  TORCH_CHECK(spatial >= 1, "noisy_weights_: spatial=", spatial, ": expected >= 1");
+  int64_t channels = 1;
+  if (spatial > 1) {
+    TORCH_CHECK(w.dim() == 4 && w.size(2) * w.size(3) == spatial, "noisy_weights_: spatial=", spatial,
+                " needs a conv weight [C_out, C_in, kh, kw] with kh*kw = spatial, got ", w.sizes());
+    channels = w.size(1);
+  }
   TORCH_CHECK(out.numel() == w.numel() * static_cast<int64_t>(instances.size()),
               "noisy_weights_: out has ", out.numel(), " elements, expected ", w.numel(), " x ",
               instances.size());
   if (w.scalar_type() == torch::kFloat) {
     noisy_weights_impl<float>(w.data_ptr<float>(), out.data_ptr<float>(), w.numel(), instances, lo, hi,
-                              clip, bits, sigma, eta_mul, seed, layer_key, rec);
+                              clip, bits, sigma, eta_mul, seed, layer_key, channels, spatial, rec);
   } else if (w.scalar_type() == torch::kDouble) {
     noisy_weights_impl<double>(w.data_ptr<double>(), out.data_ptr<double>(), w.numel(), instances, lo,
-                               hi, clip, bits, sigma, eta_mul, seed, layer_key, rec);
+                               hi, clip, bits, sigma, eta_mul, seed, layer_key, channels, spatial, rec);
   } else {
     TORCH_CHECK(false, "noisy_weights_: w must be float32 or float64, got ", w.scalar_type());
   }
@@ -820,7 +850,8 @@ void register_cpu_kernels(pybind11::module_& m) {
            [](Passes& ps, torch::Tensor w, torch::Tensor out, std::vector<int64_t> instances, double lo,
               double hi, bool clip, int64_t bits, double sigma, double eta_mul, uint64_t seed,
               uint64_t layer_key) {
-             cpu::noisy_weights_(w, out, instances, lo, hi, clip, bits, sigma, eta_mul, seed, layer_key, &ps);
+             cpu::noisy_weights_(w, out, instances, lo, hi, clip, bits, sigma, eta_mul, seed, layer_key, 1,
+                                 &ps);
              ps.keep.insert(ps.keep.end(), {w, out});
            },
            "record cpu_noisy_weights_", "w"_a, "out"_a, "instances"_a, "lo"_a, "hi"_a, "clip"_a, "bits"_a,
@@ -870,12 +901,15 @@ void register_cpu_kernels(pybind11::module_& m) {
         "restore() (no version bump)", "g"_a, "words"_a);
   m.def("cpu_noisy_weights_",
         [](torch::Tensor w, torch::Tensor out, std::vector<int64_t> instances, double lo, double hi,
-           bool clip, int64_t bits, double sigma, double eta_mul, uint64_t seed, uint64_t layer_key) {
-          cpu::noisy_weights_(w, out, instances, lo, hi, clip, bits, sigma, eta_mul, seed, layer_key);
+           bool clip, int64_t bits, double sigma, double eta_mul, uint64_t seed, uint64_t layer_key,
+           int64_t spatial) {
+          cpu::noisy_weights_(w, out, instances, lo, hi, clip, bits, sigma, eta_mul, seed, layer_key,
+                              spatial);
         },
-        "out[k] = Q(clip(w))*(1 + eta_mul*eps'_k) + sigma*eps_k for instance ids k (float/double)",
+        "out[k] = Q(clip(w))*(1 + eta_mul*eps'_k) + sigma*eps_k for instance ids k (float/double); "
+        "spatial = kh*kw > 1 writes each out[k] of a conv weight channels-last",
         "w"_a, "out"_a, "instances"_a, "lo"_a, "hi"_a, "clip"_a, "bits"_a, "sigma"_a, "eta_mul"_a,
-        "seed"_a, "layer_key"_a);
+        "seed"_a, "layer_key"_a, "spatial"_a = 1);
   m.def("cpu_quantize", &cpu::quantize, "Q(x; lo, hi, bits) as a new tensor like x", "x"_a, "lo"_a,
         "hi"_a, "bits"_a);
   m.def("cpu_quantize_", &cpu::quantize_, "Q(x; lo, hi, bits) in place", "x"_a, "lo"_a, "hi"_a,

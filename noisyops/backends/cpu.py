@@ -217,6 +217,26 @@ class _Weights:
                                           p.eta_mul if self.noise else 0.0, p.seed, p.layer_key)
         return out if self.out_dtype == self.cd else out.to(self.out_dtype)
 
+    def make_channels_last(self, instance: int) -> torch.Tensor:
+        """``make([instance])[0]`` of a 4-D conv weight ``[C_out, C_in/groups, kh, kw]``, laid out
+        channels-last (strides ``(C·kh·kw, 1, kw·C, C)``, what inductor's CPU convolutions take).
+
+        In the compute dtype with noise from the C++ stream (float32), the kernel writes that layout
+        directly (same values as `make`, scattered within each filter); otherwise `make`'s result is
+        converted."""
+        w = self.source()
+        p = self.p
+        if not (self.transform and w.dim() == 4 and self.out_dtype == self.cd
+                and not (self.noise and self.cd == torch.float64)):
+            wn = self.make([instance])[0]
+            return torch.empty_like(wn, memory_format=torch.channels_last).copy_(wn)
+        c_out, c_in, kh, kw = w.shape
+        buf = torch.empty(w.numel(), dtype=self.cd)
+        _C().cpu_noisy_weights_(w, buf, [instance], self.lo, self.hi, bool(p.w_clip), self.w_bits,
+                                self.sigma if self.noise else 0.0, p.eta_mul if self.noise else 0.0,
+                                p.seed, p.layer_key, spatial=kh * kw)
+        return buf.as_strided(tuple(w.shape), (c_in * kh * kw, 1, kw * c_in, c_in))
+
     def per_instance(self, ids: Sequence[int], start: int) -> torch.Tensor:
         """`make` for the chips ``ids``, the distinct ids ``start .. start + len(ids)`` of the call
         in first-seen order: a view of the owner's ``chip_weights`` when it gave them."""
