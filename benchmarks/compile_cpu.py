@@ -10,9 +10,9 @@ Side by side in one process, interleaved repeats, medians, ratios to clean (thro
   by ``noisyops.calibrate``, 0.1 / 99.9 percentiles), then ``torch.compile`` (inductor). Under
   compile the noisy layers trace `noisyops.decomposition` (noise pre-pass op → aten conv → pointwise
   quantizers); ``--opaque`` adds the variant with ``decomposition.ENABLED = False`` (the opaque
-  custom op, as before the decomposition existed); ``--nchw-weights`` the variant whose pre-pass
-  writes row-major weights (``decomposition.CHANNELS_LAST_WEIGHTS = False``; inductor then copies
-  each to channels-last per call, as before the pre-pass wrote that layout);
+  custom op, as before the decomposition existed); ``--cl-weights`` the variant whose pre-pass
+  writes channels-last weights (``decomposition.CHANNELS_LAST_WEIGHTS = True``; by default it writes
+  them row-major and inductor copies each to channels-last per call);
 * eval = ``no_grad`` forward; train step = forward + cross-entropy + backward + SGD step (the
   optimizer runs eagerly, the model is compiled);
 * fusion evidence: the inductor output code of each compiled graph (``run_and_get_code``), counting
@@ -23,7 +23,7 @@ Side by side in one process, interleaved repeats, medians, ratios to clean (thro
   the ten costliest events): the noise pre-pass
   op (``noisyops::noisy_weights``), the convolutions, everything else.
 
-Usage: ``python benchmarks/compile_cpu.py [--repeats 5] [--models resnet18,resnet50] [--opaque] [--nchw-weights]
+Usage: ``python benchmarks/compile_cpu.py [--repeats 5] [--models resnet18,resnet50] [--opaque] [--cl-weights]
 [--json benchmarks/results/compile_cpu.json]``. Inputs are random (speed does not depend on the
 data); weights are torchvision's random init.
 """
@@ -258,18 +258,18 @@ def quantizer_micro(shape=(16, 64, 56, 56), repeats=15) -> dict:
 # variants beyond clean / noisy: the decomposition flags they are traced with
 EXTRA_VARIANTS = {
     "noisy_opaque": {"ENABLED": False},                     # the opaque custom op under compile
-    "noisy_nchw_weights": {"CHANNELS_LAST_WEIGHTS": False},  # pre-pass writes row-major weights
+    "noisy_cl_weights": {"CHANNELS_LAST_WEIGHTS": True},  # pre-pass writes channels-last weights
 }
 
 
 def _trace_flags(vname: str) -> dict:
-    flags = {"ENABLED": True, "CHANNELS_LAST_WEIGHTS": True}
+    flags = {"ENABLED": True, "CHANNELS_LAST_WEIGHTS": False}
     flags.update(EXTRA_VARIANTS.get(vname, {}))
     return flags
 
 
 def run_model(name: str, size: int, batch: int, repeats: int, opaque: bool, train: bool = True,
-              nchw_weights: bool = False) -> dict:
+              cl_weights: bool = False) -> dict:
     torch._dynamo.reset()
     clean = build(name)
     x = torch.randn(batch, 3, size, size)
@@ -278,8 +278,8 @@ def run_model(name: str, size: int, batch: int, repeats: int, opaque: bool, trai
     variants = {"clean": clean, "noisy": noisy}
     if opaque:
         variants["noisy_opaque"] = noisy_copy(clean, x)
-    if nchw_weights:
-        variants["noisy_nchw_weights"] = noisy_copy(clean, x)
+    if cl_weights:
+        variants["noisy_cl_weights"] = noisy_copy(clean, x)
     result = {"model": name, "size": size, "batch": batch, "compile_s": {}, "kernels": {}, "times_s": {}}
     modes = ("eval", "train") if train else ("eval",)
     for mode in modes:
@@ -332,9 +332,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--opaque", action="store_true", help="also time the opaque custom op under compile")
-    ap.add_argument("--nchw-weights", action="store_true",
-                    help="also time the noisy model traced with row-major pre-pass weights "
-                         "(decomposition.CHANNELS_LAST_WEIGHTS = False: inductor copies them channels-last)")
+    ap.add_argument("--cl-weights", action="store_true",
+                    help="also time the noisy model traced with channels-last pre-pass weights "
+                         "(decomposition.CHANNELS_LAST_WEIGHTS = True: no layout copies of them)")
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--output-noise", action="store_true",
                     help="only the output-noise micro-benchmark (traced Philox vs custom op)")
@@ -355,7 +355,7 @@ def main(argv=None):
     results = []
     for name, size, batch in runs:
         results.append(run_model(name, size, batch, 2 if args.quick else args.repeats, args.opaque,
-                                 train=not args.eval_only, nchw_weights=args.nchw_weights))
+                                 train=not args.eval_only, cl_weights=args.cl_weights))
     out = {"command": "python benchmarks/compile_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "loadavg_before": [round(v, 2) for v in load], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
            "threads": torch.get_num_threads(), "torch": torch.__version__, "results": results}

@@ -57,12 +57,12 @@ ENABLED = os.environ.get("NOISYOPS_COMPILE_DECOMPOSE", "1").strip() not in ("0",
 
 DECOMPOSED = "decomposed"
 
-# The CPU pre-pass writes conv weights channels-last (`inductor_conv_channels_last`). Under inductor
-# that changes no result (its convolutions already ran channels-last, on a copy); under backends that
-# run eager kernels on the traced graph (``aot_eager``) an NCHW input's conv then takes oneDNN's
-# channels-last path, whose float32 sums round differently from eager's NCHW conv: set False there to
-# compare bit for bit.
-CHANNELS_LAST_WEIGHTS = True
+# True: the CPU pre-pass writes conv weights channels-last (`inductor_conv_channels_last`), so
+# inductor's graph has no per-call layout copy of them (ResNet-18: 17 -> 1 layout-copy kernels). Off by
+# default: side by side it measured no faster (docs/compile_cpu.md, 2026-12-06), and under backends
+# that run eager kernels on the traced graph (``aot_eager``) an NCHW input's conv would take oneDNN's
+# channels-last path, whose float32 sums round differently from eager's.
+CHANNELS_LAST_WEIGHTS = False
 
 
 def route(p: OpParams, in_channels_per_group: int, kernel_numel: int) -> str:

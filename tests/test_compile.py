@@ -22,7 +22,7 @@ NOISY = LayerConfig(eta=0.05, eta_mul=0.02, w_range=2.0)
 def _row_major_prepass_weights(monkeypatch):
     """Bit-for-bit comparisons with eager under ``aot_eager``: the pre-pass keeps row-major weights
     (with channels-last ones an NCHW input's conv takes oneDNN's channels-last path, whose float32
-    sums round differently; tests/test_decomposition.py covers that default)."""
+    sums round differently; tests/test_decomposition.py covers that option)."""
     monkeypatch.setattr(noisyops.decomposition, "CHANNELS_LAST_WEIGHTS", False)
 
 

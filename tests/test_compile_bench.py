@@ -14,10 +14,10 @@ def _check_census(clean, noisy, layers):
     assert noisy["extern_calls"] == clean["extern_calls"]  # the same convolutions / GEMMs
     assert noisy["rounding_kernels"] >= 1 and clean["rounding_kernels"] == 0
     # the quantizers live in kernels the clean graph has anyway; what is added: one scalar kernel per
-    # layer advancing its call counter, and the last layer's ADC (nothing pointwise follows it). The
-    # first layer's DAC of the graph input stands alone too: it writes the channels-last copy of the
-    # input that the clean graph makes in a layout-copy kernel (fused, in both, with nothing else
-    # since the weights come channels-last from the pre-pass)
+    # layer advancing its call counter, and the last layer's ADC (nothing pointwise follows it). With
+    # channels-last pre-pass weights the first layer's DAC of the graph input stands alone too (it
+    # writes the channels-last copy of the input that clean makes as well; with row-major weights
+    # inductor fuses it with a weight copy)
     assert noisy["standalone_quantizers"] <= 2
     assert noisy["cpp_kernels"] - noisy["counter_kernels"] <= clean["cpp_kernels"] + 1
     assert noisy["counter_kernels"] <= layers
@@ -26,14 +26,15 @@ def _check_census(clean, noisy, layers):
 def test_quick_eval_fuses_quantizers():
     import compile_cpu
     from noisyops import decomposition
-    out = compile_cpu.main(["--quick", "--eval-only", "--nchw-weights"])
+    out = compile_cpu.main(["--quick", "--eval-only", "--cl-weights"])
     r = out["results"][0]
     k = r["kernels"]
     _check_census(k["eval/clean"], k["eval/noisy"], layers=4)
-    assert r["ratio"]["eval"]["noisy"] > 0 and r["ratio"]["eval"]["noisy_nchw_weights"] > 0
-    # row-major pre-pass weights: inductor copies them channels-last; the default copies only the input
-    assert k["eval/noisy"]["layout_copies"] <= 1 < k["eval/noisy_nchw_weights"]["layout_copies"]
-    assert decomposition.CHANNELS_LAST_WEIGHTS and decomposition.ENABLED  # flags restored
+    assert r["ratio"]["eval"]["noisy"] > 0 and r["ratio"]["eval"]["noisy_cl_weights"] > 0
+    # row-major pre-pass weights (default): inductor copies them channels-last; channels-last ones:
+    # only the input is copied
+    assert k["eval/noisy_cl_weights"]["layout_copies"] <= 1 < k["eval/noisy"]["layout_copies"]
+    assert not decomposition.CHANNELS_LAST_WEIGHTS and decomposition.ENABLED  # flags restored
     split = r["eval_cost_split_s"]["noisy"]
     assert split["noise_prepass"] > 0 and split["convolution"] > 0
     torch._dynamo.reset()

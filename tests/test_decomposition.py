@@ -110,11 +110,11 @@ def test_conv_aot_eager_equals_eager(name, layout, monkeypatch):
 
 @pytest.mark.parametrize("name", ["adc_dac", "clip_mul"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_conv_aot_eager_channels_last_weights(name, layout):
-    """The default under compile on the CPU: the noisy weights come channels-last; the traced graph
+def test_conv_aot_eager_channels_last_weights(name, layout, monkeypatch):
+    """``CHANNELS_LAST_WEIGHTS``: the noisy weights come channels-last; the traced graph
     run on eager kernels equals the eager op to float32 rounding of the product (bit for bit after
     the ADC where it quantizes), gradients included; ``W.grad`` keeps ``W``'s layout."""
-    assert decomposition.CHANNELS_LAST_WEIGHTS
+    monkeypatch.setattr(decomposition, "CHANNELS_LAST_WEIGHTS", True)
     cfg = CONFIGS[name]
     torch.manual_seed(0)
     x = torch.randn(3, 4, 7, 7, requires_grad=True)
@@ -278,11 +278,13 @@ def test_noisy_weights_op_channels_last_same_values(shape, dtype):
         torch.library.opcheck(decomposition.noisy_weights_op, args + (True,))
 
 
-def test_inductor_convs_take_the_pre_pass_weights_without_a_copy():
+def test_inductor_convs_take_the_pre_pass_weights_without_a_copy(monkeypatch):
     """On the CPU inductor runs convolutions channels-last; the pre-pass writes the noisy weights in
     that layout, so the compiled graph has no layout-copy kernel for them (each was a
     ``transpose_mxn`` kernel per conv per call). Input already channels-last: no transpose at all."""
     from torch._inductor.utils import run_and_get_code
+    assert not decomposition.inductor_conv_channels_last(torch.empty(1))  # off by default
+    monkeypatch.setattr(decomposition, "CHANNELS_LAST_WEIGHTS", True)
     assert decomposition.inductor_conv_channels_last(torch.empty(1))
     _, model = _small_net(ADC_DAC)
     torch._dynamo.reset()
