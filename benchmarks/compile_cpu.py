@@ -21,10 +21,11 @@ Side by side in one process, interleaved repeats, medians, ratios to clean (thro
   custom ops;
 * cost split of one compiled eval forward and train step (``torch.profiler``, self CPU time, and
   the ten costliest events): the noise pre-pass
-  op (``noisyops::noisy_weights``), the convolutions, everything else.
+  op (``noisyops::noisy_weights``), the convolutions, the generated kernels (each on its own with
+  ``--kernel-profile``), everything else.
 
 Usage: ``python benchmarks/compile_cpu.py [--repeats 5] [--models resnet18,resnet50] [--opaque] [--cl-weights]
-[--json benchmarks/results/compile_cpu.json]``. Inputs are random (speed does not depend on the
+[--kernel-profile] [--json benchmarks/results/compile_cpu.json]``. Inputs are random (speed does not depend on the
 data); weights are torchvision's random init.
 """
 from __future__ import annotations
@@ -162,25 +163,40 @@ def first_call(step):
 
 
 # ---- cost split ------------------------------------------------------------------------------------
+_GENERATED_KERNEL = re.compile(r"^(graph_\d+_)?cpp_fused_")
+
+
 def cost_split(step, top: int = 10) -> dict:
     """Self CPU seconds of one call by category (torch.profiler), and the ``top`` events by self
-    CPU time (``top``: ``[[name, seconds, calls], ...]``)."""
+    CPU time (``top``: ``[[name, seconds, calls], ...]``).
+
+    Categories: ``noise_prepass`` (``noisyops::noisy_weights``), ``convolution`` (aten / mkldnn
+    convolutions), ``generated_kernels`` (inductor's C++ kernels: only seen as events of their own
+    when the graphs were compiled with ``torch._inductor.config.cpp.enable_kernel_profile``, see
+    ``--kernel-profile``; then ``kernels`` lists every one, ``[[name, seconds, calls], ...]``, costliest
+    first), ``other`` (the rest: without the kernel profile, the generated kernels sit in here)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
-    split = {"noise_prepass": 0.0, "convolution": 0.0, "other": 0.0}
+    split = {"noise_prepass": 0.0, "convolution": 0.0, "generated_kernels": 0.0, "other": 0.0}
     events = prof.key_averages()
+    kernels = []
     for e in events:
         t = e.self_cpu_time_total / 1e6
         if "noisy_weights" in e.key:
             split["noise_prepass"] += t
+        elif _GENERATED_KERNEL.match(e.key):
+            split["generated_kernels"] += t
+            kernels.append([e.key, round(t, 6), int(e.count)])
         elif "conv" in e.key or "mkldnn" in e.key:
             split["convolution"] += t
         else:
             split["other"] += t
-    out = {k: round(v, 4) for k, v in split.items()}
+    out = {k: round(v, 6) for k, v in split.items()}
     ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     out["top"] = [[e.key, round(e.self_cpu_time_total / 1e6, 4), int(e.count)] for e in ranked]
+    if kernels:
+        out["kernels"] = sorted(kernels, key=lambda k: -k[1])
     return out
 
 
@@ -340,6 +356,10 @@ def main(argv=None):
                     help="only the output-noise micro-benchmark (traced Philox vs custom op)")
     ap.add_argument("--quantizer", action="store_true",
                     help="only the quantizer micro-benchmark (|v| == inf vs torch.isinf)")
+    ap.add_argument("--kernel-profile", action="store_true",
+                    help="compile with torch._inductor.config.cpp.enable_kernel_profile: every generated "
+                         "C++ kernel is a profiler event, so the cost split lists each kernel's self time "
+                         "(adds a record-function per kernel call to the timed steps too)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch._dynamo.config.cache_size_limit = 64
@@ -353,9 +373,11 @@ def main(argv=None):
         return res
     runs = [("tiny", 16, 4)] if args.quick else [(m, MODELS[m], args.batch) for m in args.models.split(",")]
     results = []
-    for name, size, batch in runs:
-        results.append(run_model(name, size, batch, 2 if args.quick else args.repeats, args.opaque,
-                                 train=not args.eval_only, cl_weights=args.cl_weights))
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch({"cpp.enable_kernel_profile": args.kernel_profile}):
+        for name, size, batch in runs:
+            results.append(run_model(name, size, batch, 2 if args.quick else args.repeats, args.opaque,
+                                     train=not args.eval_only, cl_weights=args.cl_weights))
     out = {"command": "python benchmarks/compile_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "loadavg_before": [round(v, 2) for v in load], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
            "threads": torch.get_num_threads(), "torch": torch.__version__, "results": results}

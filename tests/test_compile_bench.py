@@ -60,3 +60,24 @@ def test_quantizer_micro_compares_the_same_bits():
     assert set(res["median_s"]) == {"relu_only", "abs_eq_inf", "torch_isinf"}
     assert all(v > 0 for v in res["median_s"].values())
     torch._dynamo.reset()
+
+
+def test_kernel_profile_lists_each_generated_kernel():
+    """`--kernel-profile`: every generated C++ kernel is its own profiler event, counted under
+    ``generated_kernels`` (and not in ``other``), listed by name; the inductor flag is restored."""
+    import compile_cpu
+    import torch._inductor.config as inductor_config
+    out = compile_cpu.main(["--quick", "--eval-only", "--kernel-profile"])
+    r = out["results"][0]
+    assert not inductor_config.cpp.enable_kernel_profile
+    for variant in ("clean", "noisy"):
+        split = r["eval_cost_split_s"][variant]
+        assert split["generated_kernels"] > 0
+        names = [k[0] for k in split["kernels"]]
+        assert names and all("cpp_fused_" in n for n in names)
+        assert sum(k[1] for k in split["kernels"]) == pytest.approx(split["generated_kernels"], abs=1e-4)
+    # the noisy graph's kernels include the quantizers' (named after the ops they fuse)
+    launched = set(r["kernels"]["eval/noisy"]["launched"])
+    profiled = {n.split("cpp_fused_", 1)[1] for n, _, _ in r["eval_cost_split_s"]["noisy"]["kernels"]}
+    assert profiled <= {n.split("cpp_fused_", 1)[1] for n in launched}
+    torch._dynamo.reset()
