@@ -12,7 +12,11 @@ Side by side in one process, interleaved repeats, medians, ratios to clean (thro
   quantizers); ``--opaque`` adds the variant with ``decomposition.ENABLED = False`` (the opaque
   custom op, as before the decomposition existed); ``--cl-weights`` the variant whose pre-pass
   writes channels-last weights (``decomposition.CHANNELS_LAST_WEIGHTS = True``; by default it writes
-  them row-major and inductor copies each to channels-last per call);
+  them row-major and inductor copies each to channels-last per call); ``--saved-masks`` the variant
+  traced with ``decomposition.RECOMPUTE_STE = False`` (the partitioner saves bool masks). Each
+  variant's step sets its own flags before every call: dynamo guards on them, and a step called
+  under another variant's flags would be re-traced (``retraced_graphs`` in the JSON counts graphs
+  traced while timing; it must be 0);
 * eval = ``no_grad`` forward; train step = forward + cross-entropy + backward + SGD step (the
   optimizer runs eagerly, the model is compiled);
 * fusion evidence: the inductor output code of each compiled graph (``run_and_get_code``), counting
@@ -25,7 +29,7 @@ Side by side in one process, interleaved repeats, medians, ratios to clean (thro
   ``--kernel-profile``), everything else.
 
 Usage: ``python benchmarks/compile_cpu.py [--repeats 5] [--models resnet18,resnet50] [--opaque] [--cl-weights]
-[--kernel-profile] [--json benchmarks/results/compile_cpu.json]``. Inputs are random (speed does not depend on the
+[--saved-masks] [--kernel-profile] [--json benchmarks/results/compile_cpu.json]``. Inputs are random (speed does not depend on the
 data); weights are torchvision's random init.
 """
 from __future__ import annotations
@@ -133,10 +137,12 @@ def kernel_census(codes) -> dict:
     rounding kernels with no neighbouring op in them (kernel names list the fused aten ops; none of
     batch_norm / relu / threshold_backward / mean / convolution (layout copy) / pool / mm / sum);
     ``layout_copies``: launched kernels that change a tensor's layout (``transpose_mxn`` in the body:
-    NCHW -> channels-last copies of inputs or weights).
+    NCHW -> channels-last copies of inputs or weights); ``bool_outputs``: bool buffers the graphs
+    allocate (in a train step's forward: masks saved for the backward, which inductor's C++ backend
+    stores slowly, docs/compile_cpu.md).
     """
     out = {"cpp_kernels": 0, "counter_kernels": 0, "rounding_kernels": 0, "standalone_quantizers": 0,
-           "layout_copies": 0, "extern_calls": 0, "noisyops_ops": 0, "graphs": len(codes)}
+           "layout_copies": 0, "bool_outputs": 0, "extern_calls": 0, "noisyops_ops": 0, "graphs": len(codes)}
     for code in codes:
         bodies = dict(_KERNEL_DEF.findall(code))
         call = code[code.find("def call("):]
@@ -150,6 +156,7 @@ def kernel_census(codes) -> dict:
             out["layout_copies"] += "transpose_mxn" in bodies.get(k, "")
             out["standalone_quantizers"] += rounds and not any(n in k for n in _NEIGHBOURS)
         out["extern_calls"] += len(re.findall(r"extern_kernels\.\w+\(", call))
+        out["bool_outputs"] += len(re.findall(r"empty_strided_cpu\([^\n]*torch\.bool\)", call))
         out["noisyops_ops"] += len(re.findall(r"= torch\.ops\.noisyops\.\w+", call))
     return out
 
@@ -275,17 +282,30 @@ def quantizer_micro(shape=(16, 64, 56, 56), repeats=15) -> dict:
 EXTRA_VARIANTS = {
     "noisy_opaque": {"ENABLED": False},                     # the opaque custom op under compile
     "noisy_cl_weights": {"CHANNELS_LAST_WEIGHTS": True},  # pre-pass writes channels-last weights
+    "noisy_saved_masks": {"RECOMPUTE_STE": False},        # the partitioner may save bool STE masks
 }
+DEFAULT_FLAGS = {"ENABLED": True, "CHANNELS_LAST_WEIGHTS": False, "RECOMPUTE_STE": True}
 
 
 def _trace_flags(vname: str) -> dict:
-    flags = {"ENABLED": True, "CHANNELS_LAST_WEIGHTS": False}
+    flags = dict(DEFAULT_FLAGS)
     flags.update(EXTRA_VARIANTS.get(vname, {}))
     return flags
 
 
+def with_flags(step, flags: dict):
+    """``step`` run with the `decomposition` flags it was compiled under. Dynamo guards on those
+    module globals: a step called under other flags would be re-traced with them, and two variants
+    would time the same graphs."""
+    def run():
+        for flag, value in flags.items():
+            setattr(decomposition, flag, value)
+        step()
+    return run
+
+
 def run_model(name: str, size: int, batch: int, repeats: int, opaque: bool, train: bool = True,
-              cl_weights: bool = False) -> dict:
+              cl_weights: bool = False, saved_masks: bool = False) -> dict:
     torch._dynamo.reset()
     clean = build(name)
     x = torch.randn(batch, 3, size, size)
@@ -296,32 +316,39 @@ def run_model(name: str, size: int, batch: int, repeats: int, opaque: bool, trai
         variants["noisy_opaque"] = noisy_copy(clean, x)
     if cl_weights:
         variants["noisy_cl_weights"] = noisy_copy(clean, x)
+    if saved_masks:
+        variants["noisy_saved_masks"] = noisy_copy(clean, x)
     result = {"model": name, "size": size, "batch": batch, "compile_s": {}, "kernels": {}, "times_s": {}}
     modes = ("eval", "train") if train else ("eval",)
     for mode in modes:
         steps = {}
         for vname, model in variants.items():
             comp = torch.compile(model)
-            steps[vname] = make_eval(comp, x) if mode == "eval" else make_train(comp, x, y, model.parameters())
-            for flag, value in _trace_flags(vname).items():
-                setattr(decomposition, flag, value)
+            step = make_eval(comp, x) if mode == "eval" else make_train(comp, x, y, model.parameters())
+            steps[vname] = with_flags(step, _trace_flags(vname))
             secs, codes = first_call(steps[vname])
             result["compile_s"][f"{mode}/{vname}"] = round(secs, 1)
             result["kernels"][f"{mode}/{vname}"] = kernel_census(codes)
             counts = {k: v for k, v in result["kernels"][f"{mode}/{vname}"].items() if k != "launched"}
             print(f"  {name} {mode} {vname}: compiled in {secs:.1f} s, {counts}", flush=True)
-        for _ in range(3):  # warm-up after every variant compiled (the first calls after a compile are slow)
+        # warm-up after every variant compiled (the first calls after a compile are slow). It also
+        # re-traces each variant (under its own flags): run_and_get_code resets dynamo's caches
+        for _ in range(3):
             for s in steps.values():
                 s()
-        for flag, value in _trace_flags("noisy").items():  # graphs are fixed now; flags matter at trace time
-            setattr(decomposition, flag, value)
+        from torch._dynamo.utils import counters
+        graphs_compiled = counters["stats"]["unique_graphs"]
         times = interleaved(steps, repeats)
+        # graphs dynamo traced while timing (a variant re-traced under other flags: must be 0)
+        result.setdefault("retraced_graphs", {})[mode] = counters["stats"]["unique_graphs"] - graphs_compiled
         result["times_s"][mode] = {k: [round(t, 4) for t in v] for k, v in times.items()}
         med = {k: statistics.median(v) for k, v in times.items()}
         result.setdefault("median_s", {})[mode] = {k: round(v, 4) for k, v in med.items()}
         result.setdefault("ratio", {})[mode] = {k: round(med["clean"] / v, 3) for k, v in med.items() if k != "clean"}
         print(f"  {name} {mode}: medians {result['median_s'][mode]} ratios {result['ratio'][mode]}", flush=True)
         result[f"{mode}_cost_split_s"] = {k: cost_split(s) for k, s in steps.items()}
+    for flag, value in DEFAULT_FLAGS.items():
+        setattr(decomposition, flag, value)
     result["prepass_eager_s"] = round(prepass_seconds(noisy), 4)
     return result
 
@@ -351,6 +378,9 @@ def main(argv=None):
     ap.add_argument("--cl-weights", action="store_true",
                     help="also time the noisy model traced with channels-last pre-pass weights "
                          "(decomposition.CHANNELS_LAST_WEIGHTS = True: no layout copies of them)")
+    ap.add_argument("--saved-masks", action="store_true",
+                    help="also time the noisy model traced with decomposition.RECOMPUTE_STE = False (AOT's "
+                         "partitioner may save bool STE / ReLU masks for the backward)")
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--output-noise", action="store_true",
                     help="only the output-noise micro-benchmark (traced Philox vs custom op)")
@@ -377,7 +407,8 @@ def main(argv=None):
     with inductor_config.patch({"cpp.enable_kernel_profile": args.kernel_profile}):
         for name, size, batch in runs:
             results.append(run_model(name, size, batch, 2 if args.quick else args.repeats, args.opaque,
-                                     train=not args.eval_only, cl_weights=args.cl_weights))
+                                     train=not args.eval_only, cl_weights=args.cl_weights,
+                                     saved_masks=args.saved_masks))
     out = {"command": "python benchmarks/compile_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "loadavg_before": [round(v, 2) for v in load], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
            "threads": torch.get_num_threads(), "torch": torch.__version__, "results": results}

@@ -218,12 +218,26 @@ class QuantizeSTE(torch.autograd.Function):
         return torch.where(inside, grad, torch.zeros_like(grad)), None, None, None
 
 
+# True: on the CPU a quantizer whose input needs a gradient runs as an activation-checkpoint region
+# (`torch.utils.checkpoint`, non-reentrant), so under torch.compile the backward keeps its input ``v``
+# (or what ``v`` is recomputed from) and recomputes ``Q(v)`` and the STE mask inside its fused
+# kernels. Without it AOT's partitioner saves the cheapest tensors by bytes: bool masks computed in
+# the forward (the STE's ``lo <= v <= hi`` and the preceding ReLU's ``v <= 0``, since ``v`` itself is
+# not needed once ``Q(v)`` is), and inductor's C++ backend stores bool tensors ~20x slower than float
+# ones (docs/compile_cpu.md, 2026-12-06). Same values and gradients either way; GPUs (Triton stores
+# bools at full speed) keep the partitioner's choice.
+RECOMPUTE_STE = True
+
+
 def quantize_ste(v: Tensor, lo: float, hi: float, bits: int) -> Tensor:
     """`QuantizeSTE` computed in the spec's compute dtype (float32, float64 for float64 ``v``),
-    returned in that dtype; identity for ``bits = 0``."""
+    returned in that dtype; identity for ``bits = 0``. On the CPU with `RECOMPUTE_STE`, wrapped in a
+    non-reentrant checkpoint (same result, the backward recomputes instead of saving masks)."""
     if bits <= 0:
         return v
     cd = reference.compute_dtype(v.dtype)
+    if RECOMPUTE_STE and v.requires_grad and v.device.type == "cpu":
+        return torch.utils.checkpoint.checkpoint(QuantizeSTE.apply, v.to(cd), lo, hi, bits, use_reentrant=False)
     return QuantizeSTE.apply(v.to(cd), lo, hi, bits)
 
 

@@ -28,6 +28,7 @@ def test_quick_eval_fuses_quantizers():
     from noisyops import decomposition
     out = compile_cpu.main(["--quick", "--eval-only", "--cl-weights"])
     r = out["results"][0]
+    assert r["retraced_graphs"]["eval"] == 0  # every variant timed with the graphs it was compiled to
     k = r["kernels"]
     _check_census(k["eval/clean"], k["eval/noisy"], layers=4)
     assert r["ratio"]["eval"]["noisy"] > 0 and r["ratio"]["eval"]["noisy_cl_weights"] > 0
@@ -35,6 +36,7 @@ def test_quick_eval_fuses_quantizers():
     # only the input is copied
     assert k["eval/noisy_cl_weights"]["layout_copies"] <= 1 < k["eval/noisy"]["layout_copies"]
     assert not decomposition.CHANNELS_LAST_WEIGHTS and decomposition.ENABLED  # flags restored
+    assert decomposition.RECOMPUTE_STE
     split = r["eval_cost_split_s"]["noisy"]
     assert split["noise_prepass"] > 0 and split["convolution"] > 0
     torch._dynamo.reset()
@@ -43,8 +45,13 @@ def test_quick_eval_fuses_quantizers():
 @pytest.mark.slow
 def test_quick_train_fuses_quantizers():
     import compile_cpu
-    out = compile_cpu.main(["--quick"])
-    k = out["results"][0]["kernels"]
+    out = compile_cpu.main(["--quick", "--saved-masks"])
+    r = out["results"][0]
+    assert r["retraced_graphs"] == {"eval": 0, "train": 0}
+    k = r["kernels"]
+    # the default forward graph stores no bool masks for the backward; the variant that lets the
+    # partitioner save them does
+    assert k["train/noisy"]["bool_outputs"] <= k["train/clean"]["bool_outputs"] < k["train/noisy_saved_masks"]["bool_outputs"]
     _check_census(k["eval/clean"], k["eval/noisy"], layers=4)
     assert k["train/noisy"]["noisyops_ops"] == 4  # the pre-pass in forward; its backward is pointwise
     assert k["train/noisy"]["standalone_quantizers"] <= 2

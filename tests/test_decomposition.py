@@ -295,3 +295,29 @@ def test_inductor_convs_take_the_pre_pass_weights_without_a_copy(monkeypatch):
     code = "\n".join(codes)
     assert "torch.ops.noisyops.noisy_weights" in code
     assert "transpose_mxn" not in code
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_inductor_train_forward_saves_no_bool_masks(recompute, monkeypatch):
+    """`RECOMPUTE_STE` (default on the CPU): the compiled train step's forward allocates no bool
+    masks for the backward (the partitioner keeps the quantizer inputs and the backward recomputes
+    the STE and ReLU masks); off, the partitioner saves them as bools. Gradients equal eager's."""
+    import re
+    from torch._inductor.utils import run_and_get_code
+    monkeypatch.setattr(decomposition, "RECOMPUTE_STE", recompute)
+    eager, model = _small_net(ADC_DAC)
+    torch._dynamo.reset()
+    comp = torch.compile(model, fullgraph=True)
+    x = torch.randn(4, 3, 8, 8)
+
+    def step():
+        comp(x).square().sum().backward()
+
+    _, codes = run_and_get_code(step)
+    forward = codes[0][codes[0].find("def call("):]
+    bools = len(re.findall(r"empty_strided_cpu\([^\n]*torch\.bool\)", forward))
+    assert (bools == 0) if recompute else (bools > 0), bools
+    eager(x).square().sum().backward()
+    for (n, pe), pc in zip(eager.named_parameters(), model.parameters()):
+        torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-5, msg=n)
+    torch._dynamo.reset()
