@@ -120,7 +120,7 @@ def launches(shape, case: str, strategy: str, dtype: torch.dtype):
     out = []
     for i, (fn, args, kwargs) in enumerate(calls):
         base = {"_conv_fwd_kernel": "fwd", "_conv_bwd_x_kernel": "bwd_x", "_conv_bwd_w_kernel": "bwd_w",
-                "_prepass_kernel": "weight_prepass"}.get(fn.__name__, fn.__name__)
+                "_prepass_kernel": "weight_prepass", "_tile_sum_kernel": "tile_sum"}.get(fn.__name__, fn.__name__)
         if base != "weight_prepass":
             base = f"{kind}_{base}"
         else:
@@ -187,7 +187,7 @@ def compile_one(fn, args, kwargs, arch: int) -> dict:
 def configs_for(label: str, arch: int, args_by_name: dict):
     """``(family, configs)`` the launcher would try for this launch (``None, [None]``: an
     elementwise kernel, launched with its own block size)."""
-    if "weight_prepass" in label:
+    if "weight_prepass" in label or label.endswith("tile_sum"):
         return None, [None]
     operand = args_by_name.get("x_ptr")
     fam = configs.family("WGRAD" if label.endswith("bwd_w") else "GEMM", args_by_name,

@@ -51,7 +51,9 @@ import torch  # noqa: E402
 import torch.nn.functional as TF  # noqa: E402
 
 DTYPES = ("fp32", "tf32", "bf16")
-GPU_ROUTES = ("cuda", "triton-regen", "triton-prepass", "auto")
+# triton-prepass-loop: the crossbar-tile forward with the tile loop inside one program (64x128)
+# instead of one program per crossbar tile (128x128 + a code-sum pass); timed for ADC configs only
+GPU_ROUTES = ("cuda", "triton-regen", "triton-prepass", "triton-prepass-loop", "auto")
 CPU_ROUTES = ("cpu", "reference")
 INTERPRET_ROUTES = ("triton-regen", "triton-prepass")
 # max |a - r| / max|r| allowed, by product dtype (fp32: IEEE; tf32: 10-bit mantissa; bf16: 8-bit)
@@ -100,13 +102,15 @@ class Part:
 def route_env(route: str):
     """Force a noisyops route: ``NOISYOPS_BACKEND`` (+ ``NOISYOPS_TRITON_WEIGHTS``); ``auto`` clears
     both so dispatch (and the GPU policy) decide."""
-    keys = ("NOISYOPS_BACKEND", "NOISYOPS_TRITON_WEIGHTS")
+    keys = ("NOISYOPS_BACKEND", "NOISYOPS_TRITON_WEIGHTS", "NOISYOPS_TRITON_CROSSBAR_FWD")
     saved = {k: os.environ.get(k) for k in keys}
     for k in keys:
         os.environ.pop(k, None)
     if route.startswith("triton"):
         os.environ["NOISYOPS_BACKEND"] = "triton"
         os.environ["NOISYOPS_TRITON_WEIGHTS"] = route.split("-")[1]
+        if route.endswith("-loop"):  # the looped crossbar-tile forward (kernels/noisy_conv2d.py)
+            os.environ["NOISYOPS_TRITON_CROSSBAR_FWD"] = "loop"
     elif route != "auto":
         os.environ["NOISYOPS_BACKEND"] = route
     try:
@@ -483,7 +487,7 @@ def layers_part(part: Part, device: str, routes, dtypes, layers, quick: bool) ->
                 for cname, cfg in cfgs.items():
                     inst = (torch.arange(L["x"][0], device=device) % 8) if cfg.sampling == "per_instance" else 1
                     for route in routes:
-                        if part.expired():
+                        if part.expired() or (route.endswith("-loop") and not cfg.out_bits):
                             continue
                         key = f"{cname}/{route}"
                         try:

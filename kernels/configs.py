@@ -12,7 +12,8 @@ Register budget (compile report, K-major weights and one flattened K loop): with
 or a per-tile epilogue the 128x128 tiles compile to wgmma / mma.sync without spills; regenerating
 the weights in registers (per_sample) still fits 128x128x32 on both archs; the crossbar-tile
 forward (two BM x BN fp32 tensors through the tile loop, output noise, mask words) fits 64x128x32
-on 8 warps and spills at 128x128; the crossbar-tile input and weight grads fit 128x128x32 when the
+on 8 warps and spills at 128x128, the tile-parallel form (one crossbar tile per program, one
+accumulator) fits 128x128; the crossbar-tile input and weight grads fit 128x128x32 when the
 out mask is word-aligned (one word per row, not per element) and 64x128 otherwise; the linear's
 column-grouped output noise and fp32 operands keep the small tiles.
 """
@@ -48,7 +49,9 @@ _TINY_REGEN = _c(16, 128, 32, 8, 3, rows_max=16)
 #   GEMM_REGEN the same with the weights regenerated in registers (no per-tile epilogue or gate)
 #   GEMM_OMASK input grad gated by the out mask (crossbar tiles), weights from the pre-pass
 #   GEMM_OMASK_WORDS  the same with a word-aligned out mask, pre-pass or regenerated weights
-#   GEMM_EPI   forward with the crossbar-tile epilogue (ADC / output noise), weights from the pre-pass
+#   GEMM_EPI   forward with the crossbar-tile loop (ADC / output noise), weights from the pre-pass
+#   GEMM_EPI1 / GEMM_RNG1 / GEMM_EPI1_COLS  the tile-parallel crossbar forward (SPLIT_T), pre-pass /
+#              regenerated weights / the linear's column-grouped output noise
 #   GEMM_RNG   regenerated weights together with an epilogue / out-mask gate
 #   GEMM_SMALL fp32 operands, the linear's column-grouped output-noise epilogue: the small tiles
 #   WGRAD / WGRAD_Q  weight-grad GEMM (out-channels x in-channels, reduction over rows, split-K with
@@ -86,6 +89,23 @@ GEMM_EPI: Dict[int, List[dict]] = {
     80: [_c(64, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
     90: [_c(64, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
 }
+# the tile-parallel crossbar forward (`SPLIT_T`: one crossbar tile per program, ADC codes summed by
+# a second pass): one accumulator, so the single-tile epilogue's registers; lists from compile runs
+GEMM_EPI1: Dict[int, List[dict]] = {
+    80: [_c(128, 128, 32, 8, 3), _c(64, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
+    90: [_c(128, 128, 32, 8, 3), _c(64, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
+}
+# with regenerated weights 128x128x32 spills (layer3 3x3: 156 B sm_90, 12 B sm_80), BK = 16 fits
+GEMM_RNG1: Dict[int, List[dict]] = {
+    80: [_c(128, 128, 16, 8, 3), _c(64, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
+    90: [_c(128, 128, 16, 8, 3), _c(64, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
+}
+# the linear's column-grouped output noise with a mask that is not word-aligned (fc: 1000 outputs)
+# spills 2852-3492 B at 128x128 (sm_90, either weight strategy) and fits 64x128x32 / 8 warps
+GEMM_EPI1_COLS: Dict[int, List[dict]] = {
+    80: [_c(64, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
+    90: [_c(64, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
+}
 GEMM_RNG: Dict[int, List[dict]] = {
     # sm_80: 64x128x32 / 8 warps spills 128 B in the linear's gated input grad with regenerated weights
     80: list(_SMALL[80]),
@@ -110,7 +130,8 @@ WGRAD_SMALL: Dict[int, List[dict]] = {
     80: [_c(32, 32, 32, 4, 2)],
     90: [_c(32, 32, 16, 4, 3, 255)],
 }
-FAMILIES = ("GEMM", "GEMM_REGEN", "GEMM_OMASK", "GEMM_OMASK_WORDS", "GEMM_EPI", "GEMM_RNG", "GEMM_SMALL",
+FAMILIES = ("GEMM", "GEMM_REGEN", "GEMM_OMASK", "GEMM_OMASK_WORDS", "GEMM_EPI", "GEMM_EPI1", "GEMM_EPI1_COLS",
+            "GEMM_RNG", "GEMM_RNG1", "GEMM_SMALL",
             "WGRAD", "WGRAD_Q", "WGRAD_SMALL")
 
 
@@ -129,7 +150,16 @@ def family(kind: str, consts: dict, elem_bytes: int = 2) -> str:
         return "WGRAD_Q" if gathered else "WGRAD"
     # fp32 operands, and the linear's column-grouped output noise (spills 48-892 B at 64x128 and
     # 108-620 B at 64x64): the small tiles
-    if elem_bytes > 2 or (consts.get("NOISE4") == 2 and consts.get("OUT_NOISE")):
+    cols_noise = consts.get("NOISE4") == 2 and consts.get("OUT_NOISE")
+    if elem_bytes > 2:
+        return "GEMM_SMALL"
+    if consts.get("SPLIT_T"):  # one crossbar tile per program: one accumulator
+        if cols_noise:
+            return "GEMM_EPI1_COLS"
+        rng1 = not consts.get("W_PRE") and bool(consts.get("NOISE_ADD") or consts.get("NOISE_MUL")
+                                                or consts.get("W_CLIP"))
+        return "GEMM_RNG1" if rng1 else "GEMM_EPI1"
+    if cols_noise:
         return "GEMM_SMALL"
     rng = not consts.get("W_PRE") and bool(consts.get("NOISE_ADD") or consts.get("NOISE_MUL")
                                            or consts.get("W_CLIP"))

@@ -21,6 +21,9 @@ bases (``x_base``, ``ih0 = oh·sh − ph``, ``iw0``) are computed once and moved
                      registers and stored once when y is channels-last with C_out, Cout_g
                      multiples of 32 (`mask_aligned`), else tl.atomic_or
                y  += Q_out(y_t);  finally y += bias
+    tile-parallel  with the ADC on (`crossbar_split`, default): one program per crossbar tile and
+               row/column tile, one accumulator; it stores the int16 level index of Q_out(y_t)
+               and `_tile_sum_kernel` adds the levels in the same order (the same bits as the loop)
 A row tile never mixes noise instances: rows are split into segments (the whole batch for
 per_call, one sample for per_sample / per_instance) and a program's rows lie in one segment.
 
@@ -39,7 +42,7 @@ import triton.language as tl
 from noisyops.reference import memory_format_of
 
 from . import configs
-from .quantize import in_range, qparams, quantize
+from .quantize import code_level, in_range, qparams, quantize, quantize_code
 from .stream import normal_at, normals_cols4, normals_rows4, u32_as_i32
 from .weight_prepass import k_major, perturb_weight, prepass, use_prepass, weight_args
 
@@ -112,11 +115,11 @@ def _tile_epilogue(acc, t, col0, row_ok, n, oh, ow, y_row, r4_first, grp, Cout_g
                    lsn, lsh, lsw, lsc, syc, mask_words, numel_y, out_noise, out_lo, out_hi, out_delta,
                    k0, k1, i0, i1, c3, mask_ptr, OUT_NOISE: tl.constexpr, OUT_Q: tl.constexpr,
                    MASK_ALIGNED: tl.constexpr, NOISE4: tl.constexpr, xdt: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr):
+                   BM: tl.constexpr, BN: tl.constexpr, AS_CODE: tl.constexpr = False):
     """Crossbar tile t's epilogue on a ``[BM, BN]`` (sub-)tile of columns ``col0 + [0, BN)``:
-    ``Q_out(round_to_input_dtype(acc) + out_noise·ε''(t·numel(y) + logical index))`` in fp32, and
-    the tile's out-mask bits stored (whole int32 words from registers when ``MASK_ALIGNED``,
-    else ``atomic_or``)."""
+    ``Q_out(round_to_input_dtype(acc) + out_noise·ε''(t·numel(y) + logical index))`` in fp32 (or,
+    ``AS_CODE``, its int32 `quantize_code`), and the tile's out-mask bits stored (whole int32 words
+    from registers when ``MASK_ALIGNED``, else ``atomic_or``)."""
     co_l = col0 + tl.arange(0, BN)
     col_ok = co_l < Cout_g
     co = grp * Cout_g + co_l
@@ -155,13 +158,33 @@ def _tile_epilogue(acc, t, col0, row_ok, n, oh, ow, y_row, r4_first, grp, Cout_g
             off = y_row[:, None] + (co * syc)[None, :]
             bit = (tl.full((BM, BN), 1, tl.int32) << (off & 31).to(tl.int32))
             tl.atomic_or(mask_ptr + mask_words * t + (off >> 5), bit, mask=inside)
-        v = quantize(v, out_lo, out_hi, out_delta)
+        if AS_CODE:
+            v = quantize_code(v, out_lo, out_hi, out_delta)
+        else:
+            v = quantize(v, out_lo, out_hi, out_delta)
     return v
 
 
 @triton.jit
+def _tile_sum_kernel(code_ptr, b_ptr, y_ptr, numel_y, T, syc, C_out, out_lo, out_delta,
+                     HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """Digital sum of the crossbar tiles of a tile-parallel forward (``SPLIT_T``):
+    ``y[e] = Σ_{t < T} level(code[t, e]) (+ bias[channel of e])``, summed in the order of the
+    looped kernel, so y has its bits. ``e``: storage offset of dense y; channel ``(e // syc) % C_out``."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < numel_y
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for t in range(0, T):
+        code = tl.load(code_ptr + numel_y.to(tl.int64) * t + e, mask=ok, other=0).to(tl.int32)
+        total += code_level(code, out_lo, out_delta)
+    if HAS_BIAS:
+        total += tl.load(b_ptr + (e // syc) % C_out, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + e, total.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _conv_fwd_kernel(
-        x_ptr, w_ptr, wn_ptr, b_ptr, y_ptr, mask_ptr, inst_ptr, slot_ptr,
+        x_ptr, w_ptr, wn_ptr, b_ptr, y_ptr, mask_ptr, code_ptr, inst_ptr, slot_ptr,
         H, W, OH, OW, Cg, Cout_g, KH, KW,
         sxn, sxh, sxw, sxc, syn, syh, syw, syc, lsn, lsh, lsw, lsc,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
@@ -172,10 +195,15 @@ def _conv_fwd_kernel(
         NOISE_MUL: tl.constexpr, NOISE_ADD: tl.constexpr, W_PRE: tl.constexpr,
         OUT_NOISE: tl.constexpr, OUT_Q: tl.constexpr, MASK_ALIGNED: tl.constexpr, NOISE4: tl.constexpr,
         DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-        GROUP_M: tl.constexpr):
+        GROUP_M: tl.constexpr, SPLIT_T: tl.constexpr = False, CODES: tl.constexpr = False):
     """Grid ``(segments·cdiv(SEG, BM)·cdiv(Cout_g, BN), 1, groups)`` in grouped order
     (`grouped_tile`); ``w_ptr`` the K-major weights, ``wn_ptr`` the K-major pre-pass buffer
-    ``[slots, groups, KH·KW·Cg, Cout_g]``; see the module docstring."""
+    ``[slots, groups, KH·KW·Cg, Cout_g]``; see the module docstring.
+
+    ``SPLIT_T`` (ADC on; `crossbar_split`): the grid's axis 1 is the crossbar tile ``t``, each
+    program runs ONE tile's K range with a single accumulator; ``CODES`` (T > 1): its ADC codes go
+    to ``code_ptr[t, y offset]`` (int16 / int32) and `_tile_sum_kernel` adds the tiles; else (T = 1)
+    it writes y itself."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(Cout_g, BN), GROUP_M)
     grp = tl.program_id(2)
     tiles_per_seg = tl.cdiv(SEG, BM)
@@ -212,7 +240,22 @@ def _conv_fwd_kernel(
     y_row = n * syn + oh * syh + ow * syw
     ok = row_ok[:, None] & col_ok[None, :]
 
-    if OUT_NOISE or OUT_Q:
+    if SPLIT_T:
+        t = tl.program_id(1)
+        c_lo = t * per_tile
+        acc = _fwd_mainloop(x_ptr, b_base, x_base, ih0, iw0, row_ok, co_l, col_ok, grp,
+                            c_lo, tl.minimum(c_lo + per_tile, Cg), H, W, Cg, Cout_g, KW, KK,
+                            sxh, sxw, sxc, dil_h, dil_w,
+                            in_lo, in_hi, in_delta, w_lo, w_hi, w_delta, eta_mul, sigma,
+                            k0, k1, i0, i1, c3, IN_Q, W_CLIP, W_Q, NOISE_MUL, NOISE_ADD, W_PRE,
+                            DOT_PREC, BM, BN, BK)
+        r4_first = seg * SEG + (pid_m % tiles_per_seg) * BM
+        total = _tile_epilogue(acc, t, pid_n * BN, row_ok, n, oh, ow, y_row, r4_first, grp,
+                               Cout_g, OW, ohw, lsn, lsh, lsw, lsc, syc, mask_words, numel_y,
+                               out_noise, out_lo, out_hi, out_delta, k0, k1, i0, i1, c3,
+                               mask_ptr, OUT_NOISE, OUT_Q, MASK_ALIGNED, NOISE4, xdt, BM, BN,
+                               AS_CODE=CODES)
+    elif OUT_NOISE or OUT_Q:
         total = tl.zeros((BM, BN), dtype=tl.float32)
         r4_first = seg * SEG + (pid_m % tiles_per_seg) * BM  # first row of the tile
         for t in range(0, T):
@@ -233,10 +276,14 @@ def _conv_fwd_kernel(
                               in_lo, in_hi, in_delta, w_lo, w_hi, w_delta, eta_mul,
                               sigma, k0, k1, i0, i1, c3, IN_Q, W_CLIP, W_Q, NOISE_MUL, NOISE_ADD,
                               W_PRE, DOT_PREC, BM, BN, BK)
-    if HAS_BIAS:
-        total += tl.load(b_ptr + co, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y_off = y_row[:, None] + (co * syc)[None, :]
-    tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=ok)
+    if CODES:  # one crossbar tile's ADC codes; `_tile_sum_kernel` adds the tiles and the bias
+        c_off = tl.program_id(1).to(tl.int64) * numel_y + y_off
+        tl.store(code_ptr + c_off, total.to(code_ptr.dtype.element_ty), mask=ok)
+    else:
+        if HAS_BIAS:
+            total += tl.load(b_ptr + co, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 # ---- host glue ----------------------------------------------------------------------------
@@ -359,6 +406,28 @@ def tiling(p, Cg: int, KK: int) -> Tuple[int, int]:
     return 1, Cg
 
 
+CROSSBAR_FWD_ENV = "NOISYOPS_TRITON_CROSSBAR_FWD"
+
+
+def crossbar_split(p) -> bool:
+    """True when the forward runs its crossbar tiles in parallel (``SPLIT_T``): the ADC is on
+    (the tile outputs are levels, summed exactly from their int codes) and
+    ``NOISYOPS_TRITON_CROSSBAR_FWD`` is ``split`` (default) rather than ``loop``. Why: the looped
+    kernel carries two ``BM×BN`` fp32 tensors (the tile's product and the running sum) and stops at
+    64×128 on sm_90; one tile per program has one accumulator and compiles at 128×128 without
+    spills (docs/compile_report.md), at the price of ``2·T`` bytes of codes written and read per
+    output element when ``T > 1`` (which of the two is faster is for the GPU check to time)."""
+    mode = os.environ.get(CROSSBAR_FWD_ENV, "split").strip().lower()
+    if mode not in ("split", "loop"):
+        raise ValueError(f"{CROSSBAR_FWD_ENV}={mode!r}: expected 'split' or 'loop'")
+    return p.out_bits > 0 and mode == "split"
+
+
+def code_dtype(out_bits: int) -> torch.dtype:
+    """Storage of the per-tile ADC codes (levels ``0 .. 2^bits − 1`` and three negative specials)."""
+    return torch.int16 if out_bits <= 14 else torch.int32
+
+
 _AUTOTUNED = {}
 # scalar arguments that change neither the best tile nor the code: noise key words and the float
 # layer parameters (the autotuner's cache key is built from every other argument)
@@ -437,7 +506,10 @@ def gemm_forward(x4: torch.Tensor, xs, weight: torch.Tensor, bias: Optional[torc
     ilo, ihi, idelta = qparams(p.in_lo, p.in_hi, p.in_bits)
     olo, ohi, odelta = out_args(p)
     n_seg = inst.numel()
-    args = (x4, wk, wn, bias if bias is not None else w, y, mask if p.out_bits else y, inst, slots,
+    split = crossbar_split(p)
+    codes = torch.empty((T, numel_y) if split and T > 1 else (0,),
+                        dtype=code_dtype(p.out_bits), device=device)
+    args = (x4, wk, wn, bias if bias is not None else w, y, mask if p.out_bits else y, codes, inst, slots,
             geo.H, geo.W, geo.OH, geo.OW, Cg, geo.Cout_g, geo.KH, geo.KW,
             *xs, *ys, *ls, *geo.stride, *geo.padding, *geo.dilation,
             seg, T, per_tile, words, numel_y,
@@ -448,11 +520,17 @@ def gemm_forward(x4: torch.Tensor, xs, weight: torch.Tensor, bias: Optional[torc
                   NOISE_MUL=wa.noise_mul, NOISE_ADD=wa.noise_add, W_PRE=use_pre,
                   OUT_NOISE=tiled and p.out_noise > 0, OUT_Q=p.out_bits > 0,
                   MASK_ALIGNED=mask_aligned(ys, geo), NOISE4=noise_grouping(ls, geo, seg),
-                  DOT_PREC=dot_precision(x4.dtype), GROUP_M=GROUP_M)
-    grid = lambda m: (n_seg * triton.cdiv(seg, m["BM"]) * triton.cdiv(geo.Cout_g, m["BN"]), 1,  # noqa: E731
-                      geo.groups)
+                  DOT_PREC=dot_precision(x4.dtype), GROUP_M=GROUP_M,
+                  SPLIT_T=split, CODES=split and T > 1)
+    grid = lambda m: (n_seg * triton.cdiv(seg, m["BM"]) * triton.cdiv(geo.Cout_g, m["BN"]),  # noqa: E731
+                      T if split else 1, geo.groups)
     launch_gemm("conv_fwd", _conv_fwd_kernel, grid, args, consts, device,  # atomic_or is idempotent
                 elem_bytes=x4.element_size())
+    if split and T > 1:
+        block = configs.ELEMENTWISE_BLOCK
+        _tile_sum_kernel[(triton.cdiv(numel_y, block),)](
+            codes, bias if bias is not None else y, y, numel_y, T, ys[3], geo.C_out, olo, odelta,
+            HAS_BIAS=bias is not None, BLOCK=block)
     return mask
 
 

@@ -36,14 +36,48 @@ def rint_half_even(q):
 
 
 @triton.jit
-def quantize(v, lo, hi, delta):
-    """``Q(v; lo, hi, ·)`` for a float32 block ``v``; ``lo, hi, delta`` float32 scalars. NaN and ±Inf
-    propagate."""
+def level_index(v, lo, hi, delta):
+    """``rint((clamp(v, lo, hi) − lo)/Δ)`` as float32: the index ``k`` of the level ``Q(v)``
+    (NaN for a NaN ``v``)."""
     # NaN-propagating clamp: a NaN input stays NaN (never quantized to a finite level)
     c = tl.minimum(tl.maximum(v, lo, propagate_nan=tl.PropagateNan.ALL), hi,
                    propagate_nan=tl.PropagateNan.ALL)
-    q = lo + rint_half_even(tl.div_rn(c - lo, delta)) * delta
+    return rint_half_even(tl.div_rn(c - lo, delta))
+
+
+@triton.jit
+def level(k, lo, delta):
+    """The level ``lo + k·Δ`` of index ``k`` (float32); the one expression `quantize` and
+    `code_level` share, so a value rebuilt from its code has the same bits."""
+    return lo + k * delta
+
+
+@triton.jit
+def quantize(v, lo, hi, delta):
+    """``Q(v; lo, hi, ·)`` for a float32 block ``v``; ``lo, hi, delta`` float32 scalars. NaN and ±Inf
+    propagate."""
+    q = level(level_index(v, lo, hi, delta), lo, delta)
     return tl.where(tl.abs(v) == float("inf"), v, q)  # ±Inf propagates too
+
+
+CODE_NAN, CODE_POS_INF, CODE_NEG_INF = -1, -2, -3
+
+
+@triton.jit
+def quantize_code(v, lo, hi, delta):
+    """``Q(v)`` as an int32 code: its level index ``k`` in ``[0, 2^bits − 1]``, or ``-1`` (NaN),
+    ``-2`` (+Inf), ``-3`` (−Inf). `code_level` turns it back into exactly `quantize`'s value."""
+    k = level_index(v, lo, hi, delta)
+    k = tl.where(v == float("inf"), -2.0, tl.where(v == -float("inf"), -3.0, tl.where(v != v, -1.0, k)))
+    return k.to(tl.int32)
+
+
+@triton.jit
+def code_level(code, lo, delta):
+    """The float32 value of a `quantize_code` code (int block)."""
+    q = level(code.to(tl.float32), lo, delta)
+    special = tl.where(code == -2, float("inf"), tl.where(code == -3, -float("inf"), float("nan")))
+    return tl.where(code >= 0, q, special)
 
 
 @triton.jit

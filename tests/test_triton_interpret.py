@@ -224,6 +224,59 @@ def test_conv_fwd_wide_tiles(tile, case, strategy, monkeypatch):
     test_conv_fwd_bwd_all_options(0, 9 if case == 4 else 4, strategy, case, monkeypatch)
 
 
+@pytest.mark.parametrize("tile_rows,case,strategy", [(4, 3, "regen"), (9, 4, "prepass"), (0, 0, "prepass"),
+                                                     (6, 0, "regen")])
+def test_conv_fwd_split_tiles_equal_the_loop_bit_for_bit(tile_rows, case, strategy, monkeypatch):
+    """The tile-parallel crossbar forward (one crossbar tile per program, ADC codes summed by
+    `_tile_sum_kernel`; T = 1 writes y directly) gives the looped kernel's y and mask bit for bit,
+    NaN / ±Inf outputs included."""
+    monkeypatch.setenv("NOISYOPS_TRITON_WEIGHTS", strategy)
+    x, w, b, geo = _conv_args(CONV_CASES[case], seed=7)
+    x[0, 0, 0, 0], x[0, 0, 0, -1], x[-1, 0, -1, -1] = float("nan"), float("inf"), -float("inf")
+    p = OpParams(**FULL, tile_rows=tile_rows, sampling=0)
+    T, _ = kconv.tiling(p, w.shape[1], w.shape[2] * w.shape[3])
+    assert (T > 1) == (tile_rows in (4, 9, 6))
+    out = {}
+    for mode in ("split", "loop"):
+        monkeypatch.setenv(kconv.CROSSBAR_FWD_ENV, mode)
+        out[mode] = kconv.conv2d_fwd(x, w, b, *geo, p, torch.tensor(3))
+    (ys, ms), (yl, ml) = out["split"], out["loop"]
+    assert ys.stride() == yl.stride()
+    assert torch.equal(ys.isnan(), yl.isnan()) and ys.isnan().any()
+    assert torch.equal(ys.nan_to_num(), yl.nan_to_num()) and torch.equal(ms, ml)
+    assert ys.isinf().any() or tile_rows == 0
+
+
+def test_crossbar_fwd_mode_is_checked(monkeypatch):
+    monkeypatch.setenv(kconv.CROSSBAR_FWD_ENV, "fast")
+    with pytest.raises(ValueError, match="NOISYOPS_TRITON_CROSSBAR_FWD='fast'"):
+        kconv.crossbar_split(OpParams(out_bits=8, out_lo=-1.0, out_hi=1.0))
+    monkeypatch.setenv(kconv.CROSSBAR_FWD_ENV, "split")
+    assert not kconv.crossbar_split(OpParams(out_noise=0.1, tile_rows=4))  # no ADC: the loop
+
+
+def test_tile_codes_rebuild_the_quantizer_values():
+    """`quantize_code` → `code_level` is `quantize` bit for bit, NaN / ±Inf / saturation included."""
+    v = torch.tensor([0.1, -0.37, 5.0, -5.0, 0.5 / 31, float("nan"), float("inf"), -float("inf"),
+                      1e-30, -0.0] + torch.randn(500, generator=torch.Generator().manual_seed(1)).tolist())
+    lo, hi, delta = kq.qparams(-1.0, 1.0, 5)
+    q = kq.quantize_tensor(v, -1.0, 1.0, 5)
+    codes = torch.empty(v.shape, dtype=torch.int32)
+    back = torch.empty_like(v)
+    _code_roundtrip_kernel[(1,)](v, codes, back, v.numel(), lo, hi, delta,
+                                 BLOCK=triton.next_power_of_2(v.numel()))
+    assert codes.min() == -3 and codes.max() == 31
+    assert torch.equal(back.isnan(), q.isnan()) and torch.equal(back.nan_to_num(), q.nan_to_num())
+
+
+@triton.jit
+def _code_roundtrip_kernel(v_ptr, c_ptr, out_ptr, n, lo, hi, delta, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    ok = offs < n
+    tl.store(c_ptr + offs, kq.quantize_code(tl.load(v_ptr + offs, mask=ok, other=0.0), lo, hi, delta), mask=ok)
+    tl.store(out_ptr + offs, kq.code_level(tl.load(c_ptr + offs, mask=ok, other=0), lo, delta), mask=ok)
+
+
 @pytest.mark.parametrize("case", [1, 2])
 def test_conv_bwd_geometries_clean_grad_input(case):
     x, w, b, geo = _conv_args(CONV_CASES[case], seed=1)
@@ -417,10 +470,16 @@ def test_config_families_and_pruning():
         assert configs.family("GEMM", dict(W_PRE=w_pre, NOISE_MUL=True, HAS_OMASK=True,
                                            MASK_ALIGNED=True)) == "GEMM_OMASK_WORDS"
     assert configs.family("GEMM", dict(W_PRE=True, OUT_Q=True, MASK_ALIGNED=True)) == "GEMM_EPI"
+    # the tile-parallel crossbar forward: one accumulator, 128x128 (BK 16 with regenerated weights)
+    assert configs.family("GEMM", dict(W_PRE=True, OUT_Q=True, SPLIT_T=True)) == "GEMM_EPI1"
+    assert configs.family("GEMM", dict(W_PRE=False, W_CLIP=True, OUT_Q=True, SPLIT_T=True)) == "GEMM_RNG1"
+    assert configs.family("GEMM", dict(W_PRE=True, OUT_Q=True, OUT_NOISE=True, NOISE4=2,
+                                       SPLIT_T=True)) == "GEMM_EPI1_COLS"
+    assert configs.family("GEMM", dict(W_PRE=True, OUT_Q=True, SPLIT_T=True), elem_bytes=4) == "GEMM_SMALL"
     for fam in configs.FAMILIES:  # every family has configs for both archs
         assert all(getattr(configs, fam)[arch] for arch in configs.ARCHS)
     for arch in configs.ARCHS:  # >= 128x128 where the compile report shows it spill-free
-        for fam in ("GEMM", "GEMM_REGEN", "GEMM_OMASK_WORDS"):
+        for fam in ("GEMM", "GEMM_REGEN", "GEMM_OMASK_WORDS", "GEMM_EPI1", "GEMM_RNG1"):
             assert max(c["BM"] * c["BN"] for c in getattr(configs, fam)[arch]) >= 128 * 128
     assert configs.family("WGRAD", dict(IN_Q=True)) == "WGRAD"
     assert configs.family("WGRAD", dict(IN_Q=True, HAS_OMASK=True)) == "WGRAD_Q"  # gathered gate
