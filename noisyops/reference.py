@@ -152,6 +152,9 @@ class _Layer:
         self.bias_view = bias_view
         self.kernel_numel, self.in_per_group, self.groups = kernel_numel, in_per_group, groups
 
+    def input_tile_mask(self, m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return _input_tile_mask(m, x, self.groups)
+
     def tile_masks(self, p: OpParams, weight: torch.Tensor) -> List[Optional[torch.Tensor]]:
         """One 0/1 weight mask per tile selecting its input channels (None for a single tile)."""
         bounds = tile_bounds(self.in_per_group, self.kernel_numel, p.tile_rows)
@@ -163,6 +166,16 @@ class _Layer:
             m[:, c0:c1] = 1
             masks.append(m)
         return masks
+
+
+def _input_tile_mask(m: torch.Tensor, x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Bool mask of the input channels of x that the tile with weight mask ``m`` reads: conv
+    (``m`` 4-D) channel ``c`` when ``m[0, c % (C_in/groups)]`` is set, shape ``[1, C_in, 1, 1]``;
+    linear (``m`` 2-D) the in-features of ``m[0]``, shape ``[in]``."""
+    sel = m[0].reshape(m.shape[1], -1)[:, 0].bool()
+    if m.dim() == 4:
+        return sel.repeat(groups).view(1, -1, 1, 1)
+    return sel
 
 
 def _forward(layer: _Layer, x, weight, bias, p: OpParams, instance):
@@ -180,7 +193,13 @@ def _forward(layer: _Layer, x, weight, bias, p: OpParams, instance):
         wn = weight_noisy(wq, sigma, p, inst)
         sel = xq if len(samples) == batch else xq[samples]
         for t, m in enumerate(tiles):
-            part = layer.product(sel, (wn if m is None else wn * m).to(x.dtype), fused_bias).to(cd)
+            if m is None:
+                part = layer.product(sel, wn.to(x.dtype), fused_bias).to(cd)
+            else:  # tile t sees only its own channels: zeros elsewhere (never inf·0 = NaN)
+                zero = sel.new_zeros(())
+                part = layer.product(torch.where(layer.input_tile_mask(m, sel), sel, zero),
+                                     torch.where(m.bool(), wn, wn.new_zeros(())).to(x.dtype),
+                                     fused_bias).to(cd)
             if len(samples) == batch:
                 y_tiles[t] = part
             else:

@@ -254,6 +254,19 @@ def test_inf_in_input_propagates_through_every_quantizer(backend, name):
         assert x.grad[0, 0] == 0 and x.grad[1, 0] == 0  # outside [lo, hi]: no straight-through gradient
 
 
+def test_inf_in_one_crossbar_tile_does_not_poison_the_others(backend):
+    """Crossbar tiles are separate partial sums (SPEC section 1): an Inf input read by tile 0 makes
+    that tile's ADC output ±Inf and the digital sum ±Inf, never NaN through ``Inf·0`` in the tiles
+    that do not hold its channel; the other outputs stay finite."""
+    dt = _dtype(backend)
+    cfg = LayerConfig(w_range=(-1.0, 1.0), out_bits=6, out_range=(-4.0, 4.0), tile_rows=2)
+    x = torch.tensor([[math.inf, 0.25, 0.5, 0.1], [0.1, 0.2, 0.3, -math.inf]], dtype=dt)
+    w = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.25, -0.5, 0.75, -0.25]], dtype=dt)
+    y = noisy_linear(x, w, config=cfg, seed=0)
+    assert torch.equal(y[0], torch.tensor([math.inf, math.inf], dtype=dt)), y
+    assert torch.equal(y[1], torch.tensor([-math.inf, math.inf], dtype=dt)), y
+
+
 def test_inf_in_a_weight_propagates_through_clip_and_quantizer(backend):
     """An Inf weight under a fixed range is not clipped to ``w_hi``: the outputs it feeds are ±Inf."""
     dt = _dtype(backend)

@@ -245,6 +245,8 @@ def test_conv_fwd_split_tiles_equal_the_loop_bit_for_bit(tile_rows, case, strate
     assert torch.equal(ys.isnan(), yl.isnan()) and ys.isnan().any()
     assert torch.equal(ys.nan_to_num(), yl.nan_to_num()) and torch.equal(ms, ml)
     assert ys.isinf().any() or tile_rows == 0
+    yr, _ = reference.conv2d_fwd(x, w, b, *geo, p, torch.tensor(3))  # tiles see only their channels
+    assert torch.equal(ys.isnan(), yr.isnan()) and torch.equal(ys.isinf(), yr.isinf())
 
 
 def test_crossbar_fwd_mode_is_checked(monkeypatch):
