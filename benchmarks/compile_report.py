@@ -68,6 +68,10 @@ CASES = {
                   in_hi=3.0, out_bits=8, out_lo=-8.0, out_hi=8.0, out_noise=0.05, tile_rows=512),
     "per_sample": dict(eta=0.05, w_std_k=0.0, w_lo=-0.1, w_hi=0.1, w_clip=1, sampling=1),
 }
+# tiles_split: the same call with the tile-parallel crossbar forward forced (the default keeps the
+# loop for more than one crossbar tile: kernels/noisy_conv2d.py `crossbar_split`)
+CASES["tiles_split"] = dict(CASES["tiles"])
+CASE_ENV = {"tiles_split": {"NOISYOPS_TRITON_CROSSBAR_FWD": "split"}}
 STRATEGIES = ("regen", "prepass")
 
 
@@ -97,8 +101,14 @@ def launches(shape, case: str, strategy: str, dtype: torch.dtype):
     x = torch.empty(xs, device="meta", dtype=dtype)
     w = torch.empty(ws, device="meta", dtype=dtype)
     inst = torch.tensor(3)
-    old = os.environ.get("NOISYOPS_TRITON_WEIGHTS")
-    os.environ["NOISYOPS_TRITON_WEIGHTS"] = strategy
+    env = {"NOISYOPS_TRITON_WEIGHTS": strategy, "NOISYOPS_TRITON_CROSSBAR_FWD": None,
+           **CASE_ENV.get(case, {})}
+    saved = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     try:
         with captured_launches() as calls:
             if kind == "conv":
@@ -113,10 +123,11 @@ def launches(shape, case: str, strategy: str, dtype: torch.dtype):
                 n_fwd = len(calls)
                 klin.linear_bwd(torch.empty_like(y), x, w, p, inst, mask, y.stride())
     finally:
-        if old is None:
-            os.environ.pop("NOISYOPS_TRITON_WEIGHTS", None)
-        else:
-            os.environ["NOISYOPS_TRITON_WEIGHTS"] = old
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     out = []
     for i, (fn, args, kwargs) in enumerate(calls):
         base = {"_conv_fwd_kernel": "fwd", "_conv_bwd_x_kernel": "bwd_x", "_conv_bwd_w_kernel": "bwd_w",

@@ -89,6 +89,12 @@ GEMM_EPI: Dict[int, List[dict]] = {
     80: [_c(64, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
     90: [_c(64, 128, 32, 8, 3), _c(64, 64, 32, 4, 3)],
 }
+# The tile-parallel crossbar forward runs by default for calls with at most this many crossbar tiles
+# (`noisy_conv2d.crossbar_split`): with one tile it only drops the second accumulator; with T > 1 it
+# adds 2·T bytes of codes per output, which the roofline model (noisyops/backends/gpu_cost.py, equal
+# efficiency for both tiles) prices above the 64x128 loop's cost, so until a GPU times both
+# (benchmarks/gpu_check.py, route triton-prepass-loop) T > 1 keeps the loop.
+CROSSBAR_SPLIT_MAX_TILES = 1
 # the tile-parallel crossbar forward (`SPLIT_T`: one crossbar tile per program, ADC codes summed by
 # a second pass): one accumulator, so the single-tile epilogue's registers; lists from compile runs
 GEMM_EPI1: Dict[int, List[dict]] = {

@@ -21,7 +21,7 @@ bases (``x_base``, ``ih0 = oh·sh − ph``, ``iw0``) are computed once and moved
                      registers and stored once when y is channels-last with C_out, Cout_g
                      multiples of 32 (`mask_aligned`), else tl.atomic_or
                y  += Q_out(y_t);  finally y += bias
-    tile-parallel  with the ADC on (`crossbar_split`, default): one program per crossbar tile and
+    tile-parallel  with the ADC on (`crossbar_split`: one tile by default, any T on request): one program per crossbar tile and
                row/column tile, one accumulator; it stores the int16 level index of Q_out(y_t)
                and `_tile_sum_kernel` adds the levels in the same order (the same bits as the loop)
 A row tile never mixes noise instances: rows are split into segments (the whole batch for
@@ -409,18 +409,21 @@ def tiling(p, Cg: int, KK: int) -> Tuple[int, int]:
 CROSSBAR_FWD_ENV = "NOISYOPS_TRITON_CROSSBAR_FWD"
 
 
-def crossbar_split(p) -> bool:
-    """True when the forward runs its crossbar tiles in parallel (``SPLIT_T``): the ADC is on
-    (the tile outputs are levels, summed exactly from their int codes) and
-    ``NOISYOPS_TRITON_CROSSBAR_FWD`` is ``split`` (default) rather than ``loop``. Why: the looped
+def crossbar_split(p, T: int) -> bool:
+    """True when the forward runs its ``T`` crossbar tiles in parallel (``SPLIT_T``). Needs the ADC
+    (the tile outputs are levels, summed exactly from their int codes). ``NOISYOPS_TRITON_CROSSBAR_FWD``:
+    ``auto`` (default) splits when ``T <= configs.CROSSBAR_SPLIT_MAX_TILES`` (1: a single tile, where
+    it only drops the loop's second accumulator), ``split`` always, ``loop`` never. Why: the looped
     kernel carries two ``BM×BN`` fp32 tensors (the tile's product and the running sum) and stops at
     64×128 on sm_90; one tile per program has one accumulator and compiles at 128×128 without
-    spills (docs/compile_report.md), at the price of ``2·T`` bytes of codes written and read per
-    output element when ``T > 1`` (which of the two is faster is for the GPU check to time)."""
-    mode = os.environ.get(CROSSBAR_FWD_ENV, "split").strip().lower()
-    if mode not in ("split", "loop"):
-        raise ValueError(f"{CROSSBAR_FWD_ENV}={mode!r}: expected 'split' or 'loop'")
-    return p.out_bits > 0 and mode == "split"
+    spills (docs/compile_report.md, case ``tiles_split``), at the price of ``2·T`` bytes of codes
+    written and read per output element when ``T > 1`` (which is faster: the GPU check times both)."""
+    mode = os.environ.get(CROSSBAR_FWD_ENV, "auto").strip().lower()
+    if mode not in ("auto", "split", "loop"):
+        raise ValueError(f"{CROSSBAR_FWD_ENV}={mode!r}: expected 'auto', 'split' or 'loop'")
+    if p.out_bits <= 0 or mode == "loop":
+        return False
+    return mode == "split" or T <= configs.CROSSBAR_SPLIT_MAX_TILES
 
 
 def code_dtype(out_bits: int) -> torch.dtype:
@@ -506,7 +509,7 @@ def gemm_forward(x4: torch.Tensor, xs, weight: torch.Tensor, bias: Optional[torc
     ilo, ihi, idelta = qparams(p.in_lo, p.in_hi, p.in_bits)
     olo, ohi, odelta = out_args(p)
     n_seg = inst.numel()
-    split = crossbar_split(p)
+    split = crossbar_split(p, T)
     codes = torch.empty((T, numel_y) if split and T > 1 else (0,),
                         dtype=code_dtype(p.out_bits), device=device)
     args = (x4, wk, wn, bias if bias is not None else w, y, mask if p.out_bits else y, codes, inst, slots,

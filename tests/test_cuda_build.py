@@ -399,6 +399,28 @@ def test_cost_model_row_tiles_ignore_one_row_configs():
             assert tiles[arch] == min(c["BM"] for c in long_seg) >= 32
 
 
+def test_cost_model_counts_the_tile_parallel_crossbar_forward(monkeypatch):
+    """The model follows the kernels' rule: by default (one tile) no code traffic and GEMM_RNG1's
+    row tile with an ADC; where the split runs with T > 1 crossbar tiles the fused forward writes
+    int16 codes (2·T bytes per output) and a tile-sum pass reads them; no ADC: neither."""
+    from noisyops.backends import gpu_cost as gc
+    from noisyops.kernels import configs
+    assert gc.SPLIT_MAX_TILES == configs.CROSSBAR_SPLIT_MAX_TILES
+    layer0 = gc.Layer("l", "conv", 256, 256, 14, 14, 256, 3, 3, 14, 14)
+    assert not [k for k in gc.kernels(layer0, gc.Noise(tiles=5), "fused_regen", False) if k.what == "tile sum"]
+    monkeypatch.setattr(gc, "SPLIT_MAX_TILES", 8)  # as NOISYOPS_TRITON_CROSSBAR_FWD=split
+    layer = gc.Layer("l", "conv", 256, 256, 14, 14, 256, 3, 3, 14, 14)
+    y = 256 * 256 * 14 * 14
+    for strategy in ("fused_prepass", "fused_regen"):
+        ks = gc.kernels(layer, gc.Noise(tiles=5), strategy, False)
+        tile_sum = [k for k in ks if k.what == "tile sum"]
+        assert len(tile_sum) == 1 and tile_sum[0].bytes == 2 * 5 * y + gc.ACT_BYTES * y
+        for n in (gc.Noise(tiles=1), gc.Noise(tiles=5, out_bits=False, out_noise=True)):
+            assert not [k for k in gc.kernels(layer, n, strategy, False) if k.what == "tile sum"]
+    for arch in configs.ARCHS:
+        assert gc.row_tile_for(gc.Noise(tiles=1), arch) == min(c["BM"] for c in configs.GEMM_RNG1[arch])
+
+
 def test_fused_weight_strategy_comes_from_the_one_cost_model(monkeypatch):
     """The fused kernels' pre-pass / regenerate choice is `gpu_cost.best_fused` (no second model):
     per_call over many row tiles pre-passes, per_sample at batch 256 of a 3x3 512x512 conv

@@ -250,11 +250,17 @@ def test_conv_fwd_split_tiles_equal_the_loop_bit_for_bit(tile_rows, case, strate
 
 
 def test_crossbar_fwd_mode_is_checked(monkeypatch):
+    adc = OpParams(out_bits=8, out_lo=-1.0, out_hi=1.0)
     monkeypatch.setenv(kconv.CROSSBAR_FWD_ENV, "fast")
     with pytest.raises(ValueError, match="NOISYOPS_TRITON_CROSSBAR_FWD='fast'"):
-        kconv.crossbar_split(OpParams(out_bits=8, out_lo=-1.0, out_hi=1.0))
+        kconv.crossbar_split(adc, 1)
     monkeypatch.setenv(kconv.CROSSBAR_FWD_ENV, "split")
-    assert not kconv.crossbar_split(OpParams(out_noise=0.1, tile_rows=4))  # no ADC: the loop
+    assert not kconv.crossbar_split(OpParams(out_noise=0.1, tile_rows=4), 3)  # no ADC: the loop
+    assert kconv.crossbar_split(adc, 5)
+    monkeypatch.delenv(kconv.CROSSBAR_FWD_ENV)  # auto: one tile splits, several keep the loop
+    assert kconv.crossbar_split(adc, 1) and not kconv.crossbar_split(adc, 2)
+    monkeypatch.setenv(kconv.CROSSBAR_FWD_ENV, "loop")
+    assert not kconv.crossbar_split(adc, 1)
 
 
 def test_tile_codes_rebuild_the_quantizer_values():

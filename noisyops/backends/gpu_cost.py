@@ -63,12 +63,38 @@ def _min_bm(cfgs) -> int:
 ROW_TILES = {arch: _min_bm(cfgs) for arch, cfgs in _CFG.GEMM_RNG.items()}
 ROW_TILE = min(ROW_TILES.values())
 REGEN_ROW_TILES = {arch: _min_bm(cfgs) for arch, cfgs in _CFG.GEMM_REGEN.items()}
+# with the ADC on, the crossbar forward runs one crossbar tile per program (`SPLIT_T`): GEMM_RNG1
+SPLIT_ROW_TILES = {arch: _min_bm(cfgs) for arch, cfgs in _CFG.GEMM_RNG1.items()}
+CODE_BYTES = 2  # int16 ADC code per output and crossbar tile (kernels/noisy_conv2d.py `code_dtype`)
+
+
+# the kernels' default rule (`noisy_conv2d.crossbar_split`): tile-parallel up to this many tiles
+SPLIT_MAX_TILES = _CFG.CROSSBAR_SPLIT_MAX_TILES
+
+
+def splits(noise: "Noise") -> bool:
+    """True when the fused forward runs tile-parallel by default (ADC on, few enough tiles)."""
+    return bool(noise.out_bits) and noise.tiles <= SPLIT_MAX_TILES
 
 
 def row_tile_for(noise: "Noise", arch: int) -> int:
     """BM of the regenerating fused GEMM for this noise on sm_``arch``."""
-    epilogue = noise.out_bits or noise.out_noise
+    if splits(noise):
+        return SPLIT_ROW_TILES.get(arch, ROW_TILE)
+    epilogue = noise.out_noise
     return (ROW_TILES if epilogue else REGEN_ROW_TILES).get(arch, ROW_TILE)
+
+
+def split_code_bytes(noise: "Noise", y: float) -> float:
+    """Bytes of ADC codes the tile-parallel crossbar forward writes (and its tile sum reads):
+    ``CODE_BYTES·T·y`` when it runs (`splits`) with ``T > 1`` crossbar tiles, else 0."""
+    return CODE_BYTES * noise.tiles * y if splits(noise) and noise.tiles > 1 else 0.0
+
+
+def _split_sum(noise: "Noise", y: float) -> list:
+    """The tile sum pass of the tile-parallel crossbar forward (none for a single tile)."""
+    codes = split_code_bytes(noise, y)
+    return [_ew("tile sum", codes, ACT_BYTES * y)] if codes else []
 
 
 ACT_BYTES = 2             # bf16 activations / product dtype
@@ -310,7 +336,9 @@ def kernels(layer: Layer, noise: Noise, strategy: str, train: bool,
     out_normals = (y * n.tiles) if n.out_noise else 0.0  # epilogue: four normals per Philox call
     if strategy == "fused_prepass":
         ks.append(_ew("pre-pass W", MASTER_BYTES * W, ACT_BYTES * K * W, normals=wn_kinds * K * W))
-        ks.append(_gemm("fused GEMM", F, x, K * W, y, eff=eff, extra_bytes=mask_b, normals=out_normals))
+        ks.append(_gemm("fused GEMM", F, x, K * W, y, eff=eff, extra_bytes=mask_b + split_code_bytes(n, y),
+                        normals=out_normals))
+        ks.extend(_split_sum(n, y))
         if train:
             if not L.first:
                 ks.append(_ew("pre-pass W", MASTER_BYTES * W, ACT_BYTES * K * W, normals=wn_kinds * K * W))
@@ -321,7 +349,9 @@ def kernels(layer: Layer, noise: Noise, strategy: str, train: bool,
         ks.append(_ew("cast W", MASTER_BYTES * W, ACT_BYTES * W))
         row_tiles = fused_row_tiles(L, n, row_tile)
         regen = wn_kinds * W * row_tiles
-        ks.append(_gemm("fused GEMM", F, x, W, y, eff=eff, extra_bytes=mask_b, normals=regen + out_normals))
+        ks.append(_gemm("fused GEMM", F, x, W, y, eff=eff, extra_bytes=mask_b + split_code_bytes(n, y),
+                        normals=regen + out_normals))
+        ks.extend(_split_sum(n, y))
         if train:
             if not L.first:
                 ks.append(_gemm("fused dgrad", F, y, W, x, eff=eff, extra_bytes=mask_b, normals=regen))
