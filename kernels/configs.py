@@ -157,18 +157,16 @@ def family(kind: str, consts: dict, elem_bytes: int = 2) -> str:
     # fp32 operands, and the linear's column-grouped output noise (spills 48-892 B at 64x128 and
     # 108-620 B at 64x64): the small tiles
     cols_noise = consts.get("NOISE4") == 2 and consts.get("OUT_NOISE")
+    rng = not consts.get("W_PRE") and bool(consts.get("NOISE_ADD") or consts.get("NOISE_MUL")
+                                           or consts.get("W_CLIP"))
     if elem_bytes > 2:
         return "GEMM_SMALL"
     if consts.get("SPLIT_T"):  # one crossbar tile per program: one accumulator
         if cols_noise:
             return "GEMM_EPI1_COLS"
-        rng1 = not consts.get("W_PRE") and bool(consts.get("NOISE_ADD") or consts.get("NOISE_MUL")
-                                                or consts.get("W_CLIP"))
-        return "GEMM_RNG1" if rng1 else "GEMM_EPI1"
+        return "GEMM_RNG1" if rng else "GEMM_EPI1"
     if cols_noise:
         return "GEMM_SMALL"
-    rng = not consts.get("W_PRE") and bool(consts.get("NOISE_ADD") or consts.get("NOISE_MUL")
-                                           or consts.get("W_CLIP"))
     epilogue = bool(consts.get("OUT_NOISE") or consts.get("OUT_Q"))
     gate = bool(consts.get("HAS_OMASK"))
     if gate and not epilogue and consts.get("MASK_ALIGNED"):

@@ -60,9 +60,6 @@ def quantize(v, lo, hi, delta):
     return tl.where(tl.abs(v) == float("inf"), v, q)  # ±Inf propagates too
 
 
-CODE_NAN, CODE_POS_INF, CODE_NEG_INF = -1, -2, -3
-
-
 @triton.jit
 def quantize_code(v, lo, hi, delta):
     """``Q(v)`` as an int32 code: its level index ``k`` in ``[0, 2^bits − 1]``, or ``-1`` (NaN),

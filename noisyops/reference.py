@@ -152,8 +152,8 @@ class _Layer:
         self.bias_view = bias_view
         self.kernel_numel, self.in_per_group, self.groups = kernel_numel, in_per_group, groups
 
-    def input_tile_mask(self, m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return _input_tile_mask(m, x, self.groups)
+    def input_tile_mask(self, m: torch.Tensor) -> torch.Tensor:
+        return _input_tile_mask(m, self.groups)
 
     def tile_masks(self, p: OpParams, weight: torch.Tensor) -> List[Optional[torch.Tensor]]:
         """One 0/1 weight mask per tile selecting its input channels (None for a single tile)."""
@@ -168,7 +168,7 @@ class _Layer:
         return masks
 
 
-def _input_tile_mask(m: torch.Tensor, x: torch.Tensor, groups: int) -> torch.Tensor:
+def _input_tile_mask(m: torch.Tensor, groups: int) -> torch.Tensor:
     """Bool mask of the input channels of x that the tile with weight mask ``m`` reads: conv
     (``m`` 4-D) channel ``c`` when ``m[0, c % (C_in/groups)]`` is set, shape ``[1, C_in, 1, 1]``;
     linear (``m`` 2-D) the in-features of ``m[0]``, shape ``[in]``."""
@@ -197,7 +197,7 @@ def _forward(layer: _Layer, x, weight, bias, p: OpParams, instance):
                 part = layer.product(sel, wn.to(x.dtype), fused_bias).to(cd)
             else:  # tile t sees only its own channels: zeros elsewhere (never inf·0 = NaN)
                 zero = sel.new_zeros(())
-                part = layer.product(torch.where(layer.input_tile_mask(m, sel), sel, zero),
+                part = layer.product(torch.where(layer.input_tile_mask(m), sel, zero),
                                      torch.where(m.bool(), wn, wn.new_zeros(())).to(x.dtype),
                                      fused_bias).to(cd)
             if len(samples) == batch:
